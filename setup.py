@@ -1,0 +1,29 @@
+"""megatron_kha: Knocking-Heads Attention and Multi-head Explicit Attention for Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_kha",
+    version="0.1.0",
+    description="Knocking-Heads Attention (KHA) and Multi-head Explicit Attention (MEA) "
+    "as Megatron-Core TransformerLayer submodules",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_kha", "megatron_kha.*"]),
+    install_requires=[
+        "torch>=2.6",
+        # Exact pin: the CPU backend (megatron_kha/cpu_backend.py) redirects internals of this version.
+        "megatron-core==0.16.1",
+        "numpy",
+        "packaging",
+        # Required by the torch_dist checkpoint writer but not declared by megatron-core;
+        # without it a save hangs the rank (see docs/kha.md).
+        "psutil",
+        "nvidia-ml-py",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        # GPU hosts only: a TE that cannot load its CUDA libraries breaks `import megatron.core`.
+        "te": ["transformer-engine[pytorch,core_cu13]>=2.9,<2.12"],
+    },
+)
