@@ -1,12 +1,16 @@
 """megatron_kha: Knocking-Heads Attention and Multi-head Explicit Attention for Megatron-Core."""
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="megatron_kha",
     version="0.1.0",
     description="Knocking-Heads Attention (KHA) and Multi-head Explicit Attention (MEA) "
     "as Megatron-Core TransformerLayer submodules",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_kha", "megatron_kha.*"]),

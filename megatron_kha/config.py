@@ -1,0 +1,108 @@
+"""KHAConfig: Megatron-Core's TransformerConfig plus the attention-variant fields.
+
+Every impossible combination fails in `__post_init__`, at construction, with a
+ValueError that names the field and the allowed values, so a bad launch dies
+before any rank builds a model.
+"""
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+ATTENTION_VARIANTS = ("baseline", "kha")
+KHA_TYPES = ("linear", "mlp")
+KHA_INITS = ("identity", "random")
+KHA_TARGET_ORDER = "qkv"
+
+
+def _fail(field: str, value, allowed: str) -> None:
+    raise ValueError(f"KHAConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def normalize_kha_targets(targets) -> str:
+    """Canonical form of `kha_targets`: the enabled letters in q, k, v order ("kv", "qkv", ...).
+
+    Accepts a string ("vk") or a list/tuple of single letters (["q", "v"]).
+    """
+    allowed = "allowed: a non-empty subset of 'q', 'k', 'v' such as 'v', 'kv' or 'qkv'"
+    if isinstance(targets, (list, tuple)):
+        if not all(isinstance(t, str) for t in targets):
+            _fail("kha_targets", targets, allowed)
+        targets = "".join(targets)
+    if not isinstance(targets, str):
+        _fail("kha_targets", targets, allowed)
+    letters = targets.replace(",", "").replace(" ", "").lower()
+    if not letters:
+        _fail("kha_targets", targets, allowed + " (got an empty selection)")
+    unknown = sorted(set(letters) - set(KHA_TARGET_ORDER))
+    if unknown:
+        _fail("kha_targets", targets, allowed + f" (unknown: {', '.join(unknown)})")
+    if len(set(letters)) != len(letters):
+        _fail("kha_targets", targets, allowed + " (each letter at most once)")
+    return "".join(t for t in KHA_TARGET_ORDER if t in letters)
+
+
+@dataclass
+class KHAConfig(TransformerConfig):
+    """TransformerConfig with Knocking-Heads Attention fields.
+
+    attention_variant: "baseline" (plain Megatron attention) or "kha".
+    kha_targets: which of q, k, v get a shared d_k x d_k knocking map ("v" by default:
+        the paper's ablation finds values matter most).
+    kha_type: "linear" (one matrix T per target) or "mlp" (gated MLP on values only).
+    kha_init: "identity" (the layer starts exactly equal to plain attention) or
+        "random" (only to reproduce the paper's init ablation).
+    """
+
+    attention_variant: str = "baseline"
+    kha_targets: str = "v"
+    kha_type: str = "linear"
+    kha_init: str = "identity"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_attention_variant()
+
+    def _validate_attention_variant(self) -> None:
+        if self.attention_variant == "mea":
+            _fail(
+                "attention_variant",
+                self.attention_variant,
+                f"allowed: {', '.join(ATTENTION_VARIANTS)} ('mea' is not available in this release)",
+            )
+        if self.attention_variant not in ATTENTION_VARIANTS:
+            _fail("attention_variant", self.attention_variant, f"allowed: {', '.join(ATTENTION_VARIANTS)}")
+        self.kha_targets = normalize_kha_targets(self.kha_targets)
+        if self.kha_type not in KHA_TYPES:
+            _fail("kha_type", self.kha_type, f"allowed: {', '.join(KHA_TYPES)}")
+        if self.kha_init not in KHA_INITS:
+            _fail("kha_init", self.kha_init, f"allowed: {', '.join(KHA_INITS)}")
+        if self.attention_variant != "kha":
+            return
+        if self.kha_type == "mlp" and self.kha_targets != "v":
+            _fail(
+                "kha_targets",
+                self.kha_targets,
+                "kha_type='mlp' acts on values only; allowed: 'v' (or use kha_type='linear')",
+            )
+        # Knocking acts on the per-head q/k/v of SelfAttention; these attention
+        # forms have no such heads or split them differently.
+        if self.multi_latent_attention:
+            _fail(
+                "multi_latent_attention",
+                True,
+                "attention_variant='kha' needs standard multi-head/grouped attention; allowed: False",
+            )
+        if self.experimental_attention_variant is not None:
+            _fail(
+                "experimental_attention_variant",
+                self.experimental_attention_variant,
+                "attention_variant='kha' replaces the attention module; allowed: None",
+            )
+        if self.attention_output_gate:
+            _fail(
+                "attention_output_gate",
+                True,
+                "not supported together with attention_variant='kha'; allowed: False",
+            )
+        if self.kv_channels is None or self.kv_channels < 1:
+            _fail("kv_channels", self.kv_channels, "the head dim d_k; allowed: a positive integer")

@@ -1,0 +1,109 @@
+"""KHASelfAttention: Megatron's SelfAttention with knocking maps after linear_qkv.
+
+Placement (DESIGN.md section 1): after the QKV projection, before QK-norm and
+RoPE, then ordinary core attention. Megatron's own projection code still runs
+(including the all-gather + slice used when num_query_groups < TP size): we
+ask it for the unsplit `[sq, b, ng, (np/ng + 2) * hn]` tensor, which it returns
+before any normalisation, then split, knock and normalise here.
+
+Every parameter a plain SelfAttention has keeps its name; the new ones live in
+`knocking_q`, `knocking_k`, `knocking_v` (only the enabled targets exist).
+"""
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import get_pg_rank
+
+from megatron_kha.knocking import KnockingLinear, KnockingMLP
+
+
+@dataclass
+class KHASelfAttentionSubmodules(SelfAttentionSubmodules):
+    """SelfAttention's submodules plus the knocking map classes (swappable, e.g. for a fused kernel)."""
+
+    knocking_linear: Union[ModuleSpec, type] = KnockingLinear
+    knocking_mlp: Union[ModuleSpec, type] = KnockingMLP
+
+
+class KHASelfAttention(SelfAttention):
+    """Knocking-Heads Attention (arXiv 2510.23052) as a drop-in SelfAttention."""
+
+    def __init__(
+        self,
+        config,
+        submodules: KHASelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.padding,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
+        knocking_spec = submodules.knocking_mlp if config.kha_type == "mlp" else submodules.knocking_linear
+        for target in config.kha_targets:
+            module = build_module(
+                knocking_spec,
+                config=self.config,
+                head_dim=self.hidden_size_per_attention_head,
+                tp_group=self.tp_group,
+            )
+            self.add_module(f"knocking_{target}", module)
+
+    def _knock(self, target: str, x: torch.Tensor) -> torch.Tensor:
+        module = getattr(self, f"knocking_{target}", None)
+        return x if module is None else module(x)
+
+    def get_query_key_value_tensors(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: Optional[torch.Tensor] = None,
+        output_gate: bool = False,
+        split_qkv: bool = True,
+    ):
+        # KHAConfig rejects attention_output_gate, so output_gate is always False here.
+        assert not output_gate, "attention_output_gate is not supported with KHA"
+        mixed_qkv, split_arg_list = super().get_query_key_value_tensors(
+            hidden_states, key_value_states, output_gate=False, split_qkv=False
+        )
+        hn = self.hidden_size_per_attention_head
+        q_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        # [sq, b, ng, (np/ng + 2) * hn] -> [sq, b, ng, np/ng + 2, hn] -> q, k, v heads
+        sq, b, ng = mixed_qkv.shape[:3]
+        heads = mixed_qkv.view(sq, b, ng, q_per_group + 2, hn)
+        query, key, value = torch.split(heads, [q_per_group, 1, 1], dim=3)
+        key = self._knock("k", key)
+        value = self._knock("v", value)
+
+        if not split_qkv:
+            # Fused-RoPE path: hand back the unsplit layout Megatron expects (it has no QK-norm).
+            query = self._knock("q", query)
+            mixed_qkv = torch.cat([query, key, value], dim=3).view(sq, b, ng, -1)
+            return mixed_qkv, split_arg_list
+
+        # [sq, b, ng, np/ng, hn] -> [sq, b, np, hn];  [sq, b, ng, 1, hn] -> [sq, b, ng, hn]
+        query = query.reshape(sq, b, ng * q_per_group, hn)
+        key = key.squeeze(3)
+        value = value.squeeze(3)
+        if self.config.num_query_groups < self.world_size:
+            # As in SelfAttention: this rank gathered a whole group; keep its own query heads.
+            ranks_per_group = self.world_size // self.config.num_query_groups
+            idx = get_pg_rank(self.tp_group) % ranks_per_group
+            size = self.num_attention_heads_per_partition // ranks_per_group
+            query = query[:, :, idx * size : (idx + 1) * size, :]
+        query = self._knock("q", query)
+
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value
