@@ -5,10 +5,11 @@ ValueError that names the field and the allowed values, so a bad launch dies
 before any rank builds a model.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-ATTENTION_VARIANTS = ("baseline", "kha")
+ATTENTION_VARIANTS = ("baseline", "kha", "mea")
 KHA_TYPES = ("linear", "mlp")
 KHA_INITS = ("identity", "random")
 KHA_TARGET_ORDER = "qkv"
@@ -51,24 +52,24 @@ class KHAConfig(TransformerConfig):
     kha_type: "linear" (one matrix T per target) or "mlp" (gated MLP on values only).
     kha_init: "identity" (the layer starts exactly equal to plain attention) or
         "random" (only to reproduce the paper's init ablation).
+    mea_virtual_kv_heads: h', the number of component KV heads that are projected and cached
+        for Multi-head Explicit Attention; composed into num_query_groups (h) composite heads.
+        None means h' = h.
+    mea_head_norm: head-wise RMSNorm (learnable scale, init 1) on each head's attention output.
     """
 
     attention_variant: str = "baseline"
     kha_targets: str = "v"
     kha_type: str = "linear"
     kha_init: str = "identity"
+    mea_virtual_kv_heads: Optional[int] = None
+    mea_head_norm: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         self._validate_attention_variant()
 
     def _validate_attention_variant(self) -> None:
-        if self.attention_variant == "mea":
-            _fail(
-                "attention_variant",
-                self.attention_variant,
-                f"allowed: {', '.join(ATTENTION_VARIANTS)} ('mea' is not available in this release)",
-            )
         if self.attention_variant not in ATTENTION_VARIANTS:
             _fail("attention_variant", self.attention_variant, f"allowed: {', '.join(ATTENTION_VARIANTS)}")
         self.kha_targets = normalize_kha_targets(self.kha_targets)
@@ -76,33 +77,48 @@ class KHAConfig(TransformerConfig):
             _fail("kha_type", self.kha_type, f"allowed: {', '.join(KHA_TYPES)}")
         if self.kha_init not in KHA_INITS:
             _fail("kha_init", self.kha_init, f"allowed: {', '.join(KHA_INITS)}")
-        if self.attention_variant != "kha":
+        if self.mea_virtual_kv_heads is None:
+            self.mea_virtual_kv_heads = self.num_query_groups
+        if not isinstance(self.mea_head_norm, bool):
+            _fail("mea_head_norm", self.mea_head_norm, "allowed: True, False")
+        if self.attention_variant == "baseline":
             return
-        if self.kha_type == "mlp" and self.kha_targets != "v":
+        self._validate_head_structure()
+        if self.attention_variant == "mea":
+            self._validate_mea()
+        elif self.kha_type == "mlp" and self.kha_targets != "v":
             _fail(
                 "kha_targets",
                 self.kha_targets,
                 "kha_type='mlp' acts on values only; allowed: 'v' (or use kha_type='linear')",
             )
-        # Knocking acts on the per-head q/k/v of SelfAttention; these attention
-        # forms have no such heads or split them differently.
+
+    def _validate_head_structure(self) -> None:
+        """KHA and MEA act on the per-head q/k/v of SelfAttention; these forms have none or split differently."""
+        variant = self.attention_variant
         if self.multi_latent_attention:
-            _fail(
-                "multi_latent_attention",
-                True,
-                "attention_variant='kha' needs standard multi-head/grouped attention; allowed: False",
-            )
+            _fail("multi_latent_attention", True,
+                  f"attention_variant={variant!r} needs standard multi-head/grouped attention; allowed: False")
         if self.experimental_attention_variant is not None:
-            _fail(
-                "experimental_attention_variant",
-                self.experimental_attention_variant,
-                "attention_variant='kha' replaces the attention module; allowed: None",
-            )
+            _fail("experimental_attention_variant", self.experimental_attention_variant,
+                  f"attention_variant={variant!r} replaces the attention module; allowed: None")
         if self.attention_output_gate:
-            _fail(
-                "attention_output_gate",
-                True,
-                "not supported together with attention_variant='kha'; allowed: False",
-            )
+            _fail("attention_output_gate", True,
+                  f"not supported together with attention_variant={variant!r}; allowed: False")
         if self.kv_channels is None or self.kv_channels < 1:
             _fail("kv_channels", self.kv_channels, "the head dim d_k; allowed: a positive integer")
+
+    def _validate_mea(self) -> None:
+        h, h_virtual, tp = self.num_query_groups, self.mea_virtual_kv_heads, self.tensor_model_parallel_size
+        if not isinstance(h_virtual, int) or isinstance(h_virtual, bool) or not 1 <= h_virtual <= h:
+            _fail("mea_virtual_kv_heads", h_virtual, f"allowed: an integer from 1 to num_query_groups ({h})")
+        if self.num_attention_heads % h_virtual:
+            _fail("mea_virtual_kv_heads", h_virtual,
+                  f"must divide num_attention_heads ({self.num_attention_heads}); allowed: a divisor of it up to {h}")
+        if h_virtual % tp and tp % h_virtual:
+            _fail("mea_virtual_kv_heads", h_virtual,
+                  f"must be a multiple or divisor of tensor_model_parallel_size ({tp}); allowed: such a value up to {h}")
+        # These paths bypass the composition hook (they read keys/values before composing).
+        for field in ("flash_decode", "fused_single_qkv_rope"):
+            if getattr(self, field):
+                _fail(field, True, "not supported together with attention_variant='mea'; allowed: False")

@@ -1,9 +1,10 @@
 """Run Megatron-Core 0.16.1 *local* specs on a CPU build of torch (gloo backend).
 
-Megatron-Core assumes CUDA in a few dozen call sites. On a CPU-only torch build every
-one of them raises ("Torch not compiled with CUDA enabled"), so each redirection below
-only turns a guaranteed failure into the CPU equivalent; nothing that works is changed.
-`enable_cpu_backend()` installs them once, and only when CUDA is unavailable.
+Megatron-Core assumes CUDA in a few dozen call sites. On a CPU-only torch build they
+raise ("Torch not compiled with CUDA enabled") or, for `torch.cuda.manual_seed`, do
+nothing; each redirection below turns such a call into its CPU equivalent and leaves
+everything that already works alone. `enable_cpu_backend()` installs them once, and
+only when CUDA is unavailable.
 
 Why each redirection exists (details next to each function):
 - buffers: ~20 Megatron modules (GlobalMemoryBuffer, TP/SP all-gather and
@@ -15,20 +16,25 @@ Why each redirection exists (details next to each function):
   (`_TorchOnCpu`): factories map "cuda" to CPU, `torch.cuda` gets CPU stand-ins
   (synchronize is a no-op, streams/events are synchronous dummies). Other modules and
   user code still see the real `torch`.
-- RNG: `model_parallel_cuda_manual_seed` seeds the CUDA generator and registers
-  named CUDA states. On CPU the "device" generator is the CPU default generator, so
-  tensor_parallel/random.py sees `torch.cuda.manual_seed == torch.manual_seed`, its
-  state get/set helpers use the CPU generator, and the tracker keeps named CPU
-  generator states. Seeding semantics hold: same default seed on all ranks, per-TP-rank
-  seed inside `fork()`, per-EP-rank seed inside `fork(expert-parallel-rng)`.
+- RNG: `model_parallel_cuda_manual_seed` seeds the CUDA generator and registers named
+  CUDA states; on a CPU build `torch.cuda.manual_seed` silently queues a lazy call that
+  never runs. Here the "device" generator is the CPU default generator: random.py sees
+  `torch.cuda.manual_seed/get_rng_state` as the CPU ones and its state get/set helpers
+  use the CPU generator, so Megatron's own CudaRNGStatesTracker keeps named CPU
+  generator states. Semantics hold: same default seed on all ranks, a per-TP-rank seed
+  inside `fork()`, per-EP/ETP-rank inside `fork("expert-parallel-rng")`; activation
+  recompute restores them. Its "CPU RNG state changed" warning is filtered (on CPU the
+  forked state *is* the CPU state).
 - `Tensor.cuda()` is called on two paths (PP>1 tied embeddings, fully-parallel
   dist-ckpt load); it returns `self` only while those two functions run.
 - MoE: moe_utils.py references `te_general_gemm` without TE (NameError in 0.16.1),
   and the alltoall dispatcher needs its split sizes as host numpy arrays.
+- sequence parallel with a bare layer spec: TransformerBlock's default final norm
+  (WrappedTorchNorm) asserts on SP; megatron_kha.norms.LocalNorm replaces it.
 - optimizer: clip_grads asserts `grad.type() == 'torch.cuda.FloatTensor'`; a CPU copy
   of the clipping helper checks float32 instead.
-Not covered: the distributed optimizer, fp16/bf16 optimizers with loss scaling beyond
-what the views give, Transformer-Engine specs, CUDA graphs, WrappedTorchNorm with SP.
+Not covered: the distributed optimizer and the fp16/bf16 Megatron optimizers (both check
+for CUDA tensor types), Transformer-Engine specs, CUDA graphs.
 """
 import contextlib
 import functools
@@ -58,13 +64,13 @@ class _SyncStream:
     def record_event(self, event=None):
         return event if event is not None else _SyncStream()
 
-    def wait_stream(self, stream): ...
-    def wait_event(self, event): ...
-    def record(self, stream=None): ...
-    def wait(self, stream=None): ...
-    def synchronize(self): ...
     def query(self):
         return True
+
+    def _nothing(self, *args, **kwargs):
+        return None
+
+    wait_stream = wait_event = record = wait = synchronize = _nothing
 
 
 class _CudaOnCpu(types.SimpleNamespace):
@@ -139,7 +145,8 @@ def _cpu_rng():
     from megatron.core.tensor_parallel import random as tp_random
 
     # torch.cuda.manual_seed would only queue a lazy call that never runs on a CPU build
-    _view_torch(tp_random.__name__, manual_seed=torch.manual_seed, get_rng_state=torch.get_rng_state)
+    _view_torch(tp_random.__name__, manual_seed=torch.manual_seed,
+                get_rng_state=torch.get_rng_state)
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     # fork() warns when the CPU state changes inside it; here that is the forked state itself
@@ -226,6 +233,18 @@ def _dist_checkpointing():
     )
 
 
+def _sequence_parallel_norm():
+    # transformer_block.py: a bare layer spec gets LayerNormImpl (WrappedTorchNorm without apex/TE)
+    # as its final norm, which asserts on sequence_parallel; LocalNorm is the same torch norm, SP-aware.
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron_kha.norms import LocalNorm
+
+    if transformer_block.LayerNormImpl is WrappedTorchNorm:
+        transformer_block.LayerNormImpl = LocalNorm
+
+
 def enable_cpu_backend() -> bool:
     """Install the CPU redirections for Megatron-Core local specs (see module docstring).
 
@@ -236,8 +255,8 @@ def enable_cpu_backend() -> bool:
     global _INSTALLED
     if _INSTALLED or torch.cuda.is_available():
         return False
-    for redirection in (_current_device_is_cpu, _cpu_rng, _causal_mask, _pipeline_parallel, _tied_embeddings,
-                        _moe, _optimizer, _dist_checkpointing):
+    for redirection in (_current_device_is_cpu, _cpu_rng, _causal_mask, _pipeline_parallel,
+                        _tied_embeddings, _moe, _optimizer, _dist_checkpointing, _sequence_parallel_norm):
         redirection()
     _INSTALLED = True
     return True

@@ -16,9 +16,9 @@ import torch
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.utils import get_pg_rank
 
 from megatron_kha.knocking import KnockingLinear, KnockingMLP
+from megatron_kha.qkv_heads import own_query_heads, split_heads
 
 
 @dataclass
@@ -75,33 +75,18 @@ class KHASelfAttention(SelfAttention):
         mixed_qkv, split_arg_list = super().get_query_key_value_tensors(
             hidden_states, key_value_states, output_gate=False, split_qkv=False
         )
-        hn = self.hidden_size_per_attention_head
-        q_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        # [sq, b, ng, (np/ng + 2) * hn] -> [sq, b, ng, np/ng + 2, hn] -> q, k, v heads
-        sq, b, ng = mixed_qkv.shape[:3]
-        heads = mixed_qkv.view(sq, b, ng, q_per_group + 2, hn)
-        query, key, value = torch.split(heads, [q_per_group, 1, 1], dim=3)
+        query, key, value = split_heads(self, mixed_qkv)
         key = self._knock("k", key)
         value = self._knock("v", value)
 
         if not split_qkv:
             # Fused-RoPE path: hand back the unsplit layout Megatron expects (it has no QK-norm).
             query = self._knock("q", query)
-            mixed_qkv = torch.cat([query, key, value], dim=3).view(sq, b, ng, -1)
+            mixed_qkv = torch.cat([query, key, value], dim=3).view(*mixed_qkv.shape)
             return mixed_qkv, split_arg_list
 
-        # [sq, b, ng, np/ng, hn] -> [sq, b, np, hn];  [sq, b, ng, 1, hn] -> [sq, b, ng, hn]
-        query = query.reshape(sq, b, ng * q_per_group, hn)
-        key = key.squeeze(3)
-        value = value.squeeze(3)
-        if self.config.num_query_groups < self.world_size:
-            # As in SelfAttention: this rank gathered a whole group; keep its own query heads.
-            ranks_per_group = self.world_size // self.config.num_query_groups
-            idx = get_pg_rank(self.tp_group) % ranks_per_group
-            size = self.num_attention_heads_per_partition // ranks_per_group
-            query = query[:, :, idx * size : (idx + 1) * size, :]
-        query = self._knock("q", query)
-
+        query = self._knock("q", own_query_heads(self, query, self.config.num_query_groups))
+        key, value = key.squeeze(3), value.squeeze(3)  # [sq, b, ng, 1, hn] -> [sq, b, ng, hn]
         if self.q_layernorm is not None:
             query = self.q_layernorm(query)
         if self.k_layernorm is not None:

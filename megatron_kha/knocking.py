@@ -5,61 +5,14 @@ Tensors act on per-head row vectors: x has shape [..., d_k] and the result is
 Identity init (T = U = D = I, G = 0) makes both maps the identity, so a layer
 starts exactly equal to plain attention: sigmoid(0) = 1/2 cancels the factor 2.
 
-Tensor-parallel rule for these parameters (they are NOT sharded):
-    every TP rank holds a full replica and applies it to its own slice of heads,
-    so each rank's gradient is only a partial sum over its heads. The full
-    gradient is the SUM over the TP group. `replicated_for_tp` implements that
-    with Megatron's own mapping `copy_to_tensor_model_parallel_region`
-    (forward: identity, backward: all-reduce over TP), so the gradient is
-    complete - and bit-identical on every TP rank - as soon as backward returns,
-    whatever training loop or DDP wrapper runs it. Consequences:
-      * the params carry tensor_model_parallel=False: Megatron's grad-norm counts
-        them once (on TP rank 0), not TP times;
-      * they must NOT carry `sequence_parallel=True`: finalize_model_grads would
-        then all-reduce them a second time;
-      * dist checkpointing gives them replica_id (0, tp_rank, dp_rank) through
-        MegatronModule's default sharded_state_dict: one rank writes each.
+Both are replicated over tensor parallelism with gradients summed over the TP
+group: see megatron_kha/replicated.py for the rule and its consequences.
 """
-import math
-
 import torch
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-def replicated_for_tp(param: torch.Tensor, tp_group) -> torch.Tensor:
-    """The parameter itself in forward; its gradient is summed over `tp_group` in backward."""
-    if tp_group is None or tp_group.size() == 1:
-        return param
-    return copy_to_tensor_model_parallel_region(param, group=tp_group)
-
-
-def _new_matrix(config: TransformerConfig, head_dim: int) -> torch.nn.Parameter:
-    use_cpu = config.use_cpu_initialization or not torch.cuda.is_available()
-    device = "cpu" if use_cpu else torch.cuda.current_device()
-    param = torch.nn.Parameter(torch.empty(head_dim, head_dim, dtype=config.params_dtype, device=device))
-    # Replicated over TP; the gradient is summed by replicated_for_tp (module docstring).
-    param.tensor_model_parallel = False
-    param.partition_dim = -1
-    param.partition_stride = 1
-    return param
-
-
-def _init_matrix(param: torch.Tensor, how: str, tp_group) -> None:
-    """Identity, zeros, or N(0, 1/d_k); random draws are broadcast from TP rank 0 so replicas agree."""
-    with torch.no_grad():
-        if how == "identity":
-            param.copy_(torch.eye(param.shape[0], dtype=param.dtype, device=param.device))
-        elif how == "zeros":
-            param.zero_()
-        elif how == "random":
-            param.normal_(0.0, 1.0 / math.sqrt(param.shape[0]))
-            if tp_group is not None and tp_group.size() > 1:
-                src = torch.distributed.get_global_rank(tp_group, 0)
-                torch.distributed.broadcast(param.data, src=src, group=tp_group)
-        else:
-            raise ValueError(f"unknown knocking init {how!r}; allowed: identity, zeros, random")
+from megatron_kha.replicated import init_replicated_, new_replicated_param, replicated_for_tp
 
 
 class KnockingLinear(MegatronModule):
@@ -68,10 +21,10 @@ class KnockingLinear(MegatronModule):
     def __init__(self, config: TransformerConfig, head_dim: int, tp_group=None):
         super().__init__(config=config)
         self.tp_group = tp_group
-        self.weight = _new_matrix(config, head_dim)
+        self.weight = new_replicated_param(config, head_dim, head_dim)
         init = getattr(config, "kha_init", "identity")
         if init == "identity" or config.perform_initialization:
-            _init_matrix(self.weight, init, tp_group)
+            init_replicated_(self.weight, init, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, replicated_for_tp(self.weight, self.tp_group))
@@ -83,17 +36,17 @@ class KnockingMLP(MegatronModule):
     def __init__(self, config: TransformerConfig, head_dim: int, tp_group=None):
         super().__init__(config=config)
         self.tp_group = tp_group
-        self.up_weight = _new_matrix(config, head_dim)
-        self.gate_weight = _new_matrix(config, head_dim)
-        self.down_weight = _new_matrix(config, head_dim)
+        self.up_weight = new_replicated_param(config, head_dim, head_dim)
+        self.gate_weight = new_replicated_param(config, head_dim, head_dim)
+        self.down_weight = new_replicated_param(config, head_dim, head_dim)
         init = getattr(config, "kha_init", "identity")
         if init == "identity":
-            _init_matrix(self.up_weight, "identity", tp_group)
-            _init_matrix(self.gate_weight, "zeros", tp_group)
-            _init_matrix(self.down_weight, "identity", tp_group)
+            init_replicated_(self.up_weight, "identity", tp_group)
+            init_replicated_(self.gate_weight, "zeros", tp_group)
+            init_replicated_(self.down_weight, "identity", tp_group)
         elif config.perform_initialization:
             for param in (self.up_weight, self.gate_weight, self.down_weight):
-                _init_matrix(param, "random", tp_group)
+                init_replicated_(param, "random", tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, gate, down = self.up_weight, self.gate_weight, self.down_weight

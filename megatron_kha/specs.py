@@ -2,7 +2,8 @@
 
 We start from Megatron's spec builders (so MLP, MoE, norms and the TE/local
 choice stay exactly Megatron's) and change two things:
-  * `self_attention` becomes KHASelfAttention when config.attention_variant == "kha";
+  * `self_attention` becomes KHASelfAttention ("kha") or MEASelfAttention ("mea", with the
+    head-norm linear_proj when config.mea_head_norm);
   * on the local backend, WrappedTorchNorm (which refuses sequence parallelism)
     becomes LocalNorm (same torch modules, SP-aware gradients).
 """
@@ -17,6 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_kha.config import KHAConfig
 from megatron_kha.kha_attention import KHASelfAttention, KHASelfAttentionSubmodules
+from megatron_kha.mea_attention import HeadNormRowParallelLinear, MEASelfAttention
 from megatron_kha.norms import LocalNorm
 
 BACKENDS = ("local", "te")
@@ -27,6 +29,11 @@ def _check(config, backend: str) -> None:
         raise TypeError(f"config must be a megatron_kha.KHAConfig, got {type(config).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid; allowed: {', '.join(BACKENDS)}")
+    if backend == "te" and config.attention_variant == "mea" and config.mea_head_norm:
+        raise ValueError(
+            "attention_variant='mea' with mea_head_norm=True has no Transformer Engine projection yet; "
+            "allowed: backend='local', or mea_head_norm=False"
+        )
     if backend == "te" and not mcore_specs.HAVE_TE:
         raise ValueError(
             "backend='te' needs Transformer Engine, which is not importable here; "
@@ -48,7 +55,11 @@ def _with_variant(layer_spec: ModuleSpec, config: KHAConfig, backend: str) -> Mo
         layer.pre_mlp_layernorm = _local_norm(layer.pre_mlp_layernorm)
         attention.submodules.q_layernorm = _local_norm(attention.submodules.q_layernorm)
         attention.submodules.k_layernorm = _local_norm(attention.submodules.k_layernorm)
-    if config.attention_variant == "kha":
+    if config.attention_variant == "mea":
+        attention.module = MEASelfAttention
+        if config.mea_head_norm:
+            attention.submodules.linear_proj = HeadNormRowParallelLinear
+    elif config.attention_variant == "kha":
         base = attention.submodules
         attention.module = KHASelfAttention
         attention.submodules = KHASelfAttentionSubmodules(

@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_kha import KHAConfig, get_gpt_decoder_block_spec
+from megatron_kha import KHAConfig, get_gpt_decoder_block_spec, get_gpt_layer_spec
 
 VOCAB = 128
 SEQ = 16
@@ -44,13 +44,17 @@ def tiny_config(**overrides) -> KHAConfig:
     return KHAConfig(**kwargs)
 
 
-def build_gpt(config: KHAConfig, seed: int = 1234, **kwargs) -> GPTModel:
-    """GPTModel for this pipeline stage (logits stay vocab-parallel, as in training)."""
+def build_gpt(config: KHAConfig, seed: int = 1234, layer_spec: bool = False, **kwargs) -> GPTModel:
+    """GPTModel for this pipeline stage (logits stay vocab-parallel, as in training).
+
+    layer_spec=True builds from get_gpt_layer_spec (TransformerBlock picks the final norm).
+    """
     torch.manual_seed(seed)
+    spec = get_gpt_layer_spec(config) if layer_spec else get_gpt_decoder_block_spec(config)
     kwargs.setdefault("share_embeddings_and_output_weights", False)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_decoder_block_spec(config),
+        transformer_layer_spec=spec,
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -119,3 +123,20 @@ def grad_of(p) -> torch.Tensor:
     """Megatron DDP accumulates into main_grad; plain autograd into grad."""
     g = getattr(p, "main_grad", None)
     return (g if g is not None else p.grad).detach().clone()
+
+
+def run_attention_layer(config: KHAConfig, seed: int = 11):
+    """Layer 0's self-attention of a randomized model on random input (no RoPE).
+
+    Returns (output [s, b, hidden], fp64 copies of the attention's parameters, fp64 input).
+    """
+    model = build_gpt(config)
+    randomize_(model, seed=seed)
+    attention = model.decoder.layers[0].self_attention
+    x = torch.randn(SEQ, 2, config.hidden_size, generator=torch.Generator().manual_seed(seed + 10))
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
+    with torch.no_grad():
+        out, bias = attention(x, mask)
+    assert bias is None
+    params = {n: t.detach().double() for n, t in attention.named_parameters()}
+    return out.double(), params, x.double()

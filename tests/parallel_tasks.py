@@ -55,7 +55,7 @@ def train_step(ddp_model, config, batches):
     return [l["lm loss"] for l in losses]
 
 
-def run_layout(cfg_kwargs, batches, tp=1, pp=1, ep=1, sp=False, full=None, seed=1234):
+def run_layout(cfg_kwargs, batches, tp=1, pp=1, ep=1, sp=False, full=None, seed=1234, layer_spec=False):
     """Build the model for a layout, load `full` weights (or keep its own), run one train step.
 
     Returns (model, losses, logits of the first batch or None off the last stage).
@@ -63,7 +63,7 @@ def run_layout(cfg_kwargs, batches, tp=1, pp=1, ep=1, sp=False, full=None, seed=
     init_parallel(tp, pp, ep)
     extra = {"pipeline_dtype": torch.float32} if pp > 1 else {}
     config = tiny_config(sequence_parallel=sp, **extra, **cfg_kwargs)
-    model = build_gpt(config, seed=seed)
+    model = build_gpt(config, seed=seed, layer_spec=layer_spec)
     if full is None:
         randomize_(model, seed=seed)
     else:
@@ -110,18 +110,23 @@ def reference(cfg_kwargs, batches):
     return full, grads, logits, losses, model.grad_norm
 
 
-def parity_task(cfg_kwargs, tp=1, pp=1, ep=1, sp=False, per_rank_data=False):
+def parity_task(cfg_kwargs, tp=1, pp=1, ep=1, sp=False, per_rank_data=False, layer_spec=False):
     """Compare a parallel layout against TP=PP=EP=1 on the same weights and data."""
     rank = torch.distributed.get_rank()
     data_seed = 100 + (rank if per_rank_data else 0)
     batches = [batch(data_seed + i) for i in range(2)]
     full, ref_grads, ref_logits, ref_losses, ref_norm = reference(cfg_kwargs, batches)
-    model, losses, logits = run_layout(cfg_kwargs, batches, tp=tp, pp=pp, ep=ep, sp=sp, full=full)
+    model, losses, logits = run_layout(cfg_kwargs, batches, tp=tp, pp=pp, ep=ep, sp=sp, full=full, layer_spec=layer_spec)
     result = compare_to_reference(model, ref_grads, ref_logits, logits, losses, ref_losses)
     result["ref_grad_norm"] = ref_norm
-    result["knocking"] = sorted(n for n, _ in model.named_parameters() if ".knocking_" in n)
+    result["replicated"] = sorted(n for n, _ in model.named_parameters() if is_replicated_extra(n))
     result["last_stage"] = parallel_state.is_pipeline_last_stage()
     return result
+
+
+def is_replicated_extra(name: str) -> bool:
+    """Our TP-replicated parameters: knocking maps (KHA) and composition matrices (MEA)."""
+    return ".knocking_" in name or name.endswith("_composition")
 
 
 def gather_full_params(model) -> dict:
@@ -140,7 +145,7 @@ def gather_full_params(model) -> dict:
 
 
 def checkpoint_task(path, cfg_kwargs):
-    """Save at TP=2; load at TP=1 and at PP=2; report mismatching params and knocking replica ids."""
+    """Save at TP=2; load at TP=1 and at PP=2; report mismatches and who writes each replicated param."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
@@ -153,7 +158,7 @@ def checkpoint_task(path, cfg_kwargs):
     writers = {
         f"{sh.key}@{sh.global_offset}": int(is_main_replica(sh.replica_id))
         for sh in nested_values(sharded)
-        if isinstance(sh, ShardedTensor) and ".knocking_" in sh.key
+        if isinstance(sh, ShardedTensor) and is_replicated_extra(sh.key)
     }
     if torch.distributed.get_rank() == 0:
         os.makedirs(path)  # dist_checkpointing.save wants an existing, empty directory
@@ -181,7 +186,7 @@ def optimizer_steps_task(cfg_kwargs, steps=20):
     init_parallel(tp=2)
     config = tiny_config(sequence_parallel=True, **cfg_kwargs)
     model = build_gpt(config)
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if ".knocking_" in n}
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if is_replicated_extra(n)}
     ddp = wrap_ddp(model, config)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=1.0, params_dtype=torch.float32),
@@ -193,5 +198,5 @@ def optimizer_steps_task(cfg_kwargs, steps=20):
         ok, grad_norm, _ = optimizer.step()
         assert ok
         norms.append(float(grad_norm))
-    final = {n: p.detach().clone() for n, p in model.named_parameters() if ".knocking_" in n}
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if is_replicated_extra(n)}
     return {"init": init, "final": final, "losses": [l.item() for l in losses], "grad_norms": norms}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_kha.fold import fold_knocking_into_qkv
-from tests.gpt_factory import batch, build_gpt, full_params, randomize_, tiny_config
+from tests.references import causal_gqa_attention, rms_norm, split_fused_qkv
+from tests.gpt_factory import batch, build_gpt, full_params, randomize_, run_attention_layer, tiny_config
 from tests.single_rank import ensure_single_rank
 
 
@@ -70,17 +71,10 @@ def test_random_kha_linear_equals_folded_plain_gpt(groups, qkv_bias, qk_norm):
     assert (ref - out).abs().max().item() <= 2e-5
 
 
-def _rms(x, w, eps):
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
 def reference_attention(x, p, cfg):
-    """fp64 plain-PyTorch KHA self-attention (no RoPE), Megatron's fused-QKV row layout."""
+    """fp64 plain-PyTorch KHA self-attention (no RoPE)."""
     heads, groups, hn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
-    npg = heads // groups
-    s, b, _ = x.shape
-    y = (x @ p["linear_qkv.weight"].T).view(s, b, groups, npg + 2, hn)
-    q, k, v = y[:, :, :, :npg].reshape(s, b, heads, hn), y[:, :, :, npg], y[:, :, :, npg + 1]
+    q, k, v = split_fused_qkv(x, p["linear_qkv.weight"], heads, groups, hn)
     if cfg.kha_type == "linear":
         knock = {t: (lambda z, T=p[f"knocking_{t}.weight"]: z @ T) for t in cfg.kha_targets}
     else:
@@ -88,13 +82,10 @@ def reference_attention(x, p, cfg):
         knock = {"v": lambda z: 2 * ((z @ U) * torch.sigmoid(z @ G)) @ D}
     q, k, v = (knock[t](z) if t in knock else z for t, z in zip("qkv", (q, k, v)))
     if cfg.qk_layernorm:
-        q = _rms(q, p["q_layernorm.weight"], cfg.layernorm_epsilon)
-        k = _rms(k, p["k_layernorm.weight"], cfg.layernorm_epsilon)
-    k, v = k.repeat_interleave(npg, dim=2), v.repeat_interleave(npg, dim=2)
-    scores = torch.einsum("sbhd,tbhd->bhst", q, k) / hn**0.5
-    scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
-    ctx = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v).reshape(s, b, heads * hn)
-    return ctx @ p["linear_proj.weight"].T
+        q = rms_norm(q, p["q_layernorm.weight"], cfg.layernorm_epsilon)
+        k = rms_norm(k, p["k_layernorm.weight"], cfg.layernorm_epsilon)
+    ctx = causal_gqa_attention(q, k, v)
+    return ctx.reshape(*ctx.shape[:2], -1) @ p["linear_proj.weight"].T
 
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qknorm"])
@@ -103,16 +94,7 @@ def reference_attention(x, p, cfg):
 def test_attention_layer_equals_fp64_reference(kha_type, targets, groups, qk_norm):
     cfg = tiny_config(attention_variant="kha", kha_type=kha_type, kha_targets=targets, kha_init="random",
                       num_query_groups=groups, qk_layernorm=qk_norm)
-    model = build_gpt(cfg)
-    randomize_(model, seed=11)
-    attn = model.decoder.layers[0].self_attention
-    g = torch.Generator().manual_seed(21)
-    x = torch.randn(16, 2, 64, generator=g)
-    mask = torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1)
-    with torch.no_grad():
-        out, bias = attn(x, mask)
-    assert bias is None
-    params = {n: t.detach().double() for n, t in attn.named_parameters()}
-    ref = reference_attention(x.double(), params, cfg)
+    out, params, x = run_attention_layer(cfg)
+    ref = reference_attention(x, params, cfg)
     assert ref.abs().max() > 0.1
-    assert (out.double() - ref).abs().max().item() <= 1e-5
+    assert (out - ref).abs().max().item() <= 1e-5
