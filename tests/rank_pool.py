@@ -1,48 +1,23 @@
-"""A persistent pool of gloo ranks for multi-rank tests on CPU.
+"""A persistent pool of gloo ranks for multi-rank CPU tests.
 
-Starting a gloo rank means importing torch + Megatron-Core (several seconds per process), so
-a test that spawns its own ranks costs 6-12 s. `RankPool` starts `world_size` workers once,
-joins them into one gloo process group, and then runs any number of tasks on them:
+Starting a rank means importing torch + Megatron-Core (seconds), so `RankPool` starts its
+workers once, joins them into one gloo group, and runs many tasks on them:
 
-    pool = RankPool(2)
-    results = pool.run(my_task, x, scale=2.0)   # my_task(x, scale=2.0) on every rank
-    results[0], results[1]                      # one return value per rank, index = rank
-    pool.close()
+    with RankPool(2) as pool:
+        results = pool.run(my_task, x, scale=2.0)  # my_task(x, scale=2.0) on each rank; results[rank]
 
-Task functions
-  * must be module-level functions (they are pickled by reference and imported by name in
-    the workers: put them in a test module or a helper such as tests/parallel_tasks.py; no
-    lambdas or nested functions). Arguments and return values are pickled with the stdlib
-    pickle: plain Python data, CPU tensors and containers of them.
-  * run on every rank; get the rank with torch.distributed.get_rank(). The default process
-    group (gloo, world_size ranks) is initialised; initialise Megatron's parallel state
-    yourself (parallel_state.initialize_model_parallel(...)) and seed yourself.
-  * after each task the worker resets Megatron's global state (parallel groups, global
-    memory buffer, microbatch calculator), destroys leftover process subgroups, restores grad
-    mode / default dtype / thread count, and runs a barrier.
-  * stdout/stderr of the workers is forwarded to the test's stdout after the task as
-    "[rank r] ..." lines (so pytest shows it for failing tests).
-
-Failures: if a rank raises, `RankTaskError` (message: rank, exception, full remote traceback,
-output) is raised in the test; if a worker dies (segfault, os._exit) `WorkerDiedError`; if the
-task overruns its timeout `RankTaskTimeout` (a TimeoutError) with a stack dump of the stuck
-ranks. In all three cases the workers are killed and a new set is started on a new port, so
-the next task runs on a clean pool.
-
-Workers are forked from a forkserver that has torch + Megatron-Core preloaded (restarts take
-~1 s instead of a full import per rank); start_method="spawn" (or the environment variable
-RANK_POOL_START_METHOD=spawn) gives fully fresh interpreters.
-Workers exit on their own when the parent process dies.
+Tasks are module-level functions (pickled by reference) with picklable arguments and results;
+they set up Megatron's parallel state and seeds themselves, and the worker resets both after.
+Worker output is forwarded to stdout as "[rank r] ..." lines. On an exception, a dead worker
+or a timeout the pool raises (RankTaskError, WorkerDiedError, RankTaskTimeout) and restarts.
 """
 import atexit
 import faulthandler
-import importlib
-import multiprocessing
+import io
 import multiprocessing.connection
-import multiprocessing.util  # noqa: F401  (its atexit hook must be registered before ours)
+import multiprocessing.util  # noqa: F401  (its atexit hook joins our workers: it must run after ours)
 import os
 import pickle
-import shutil
 import signal
 import socket
 import sys
@@ -50,502 +25,217 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
-import weakref
+from datetime import timedelta
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Modules imported once by the forkserver, so forked workers start with them loaded.
-PRELOAD_MODULES = (
-    "torch",
-    "torch.distributed",
-    "megatron.core",
-    "megatron.core.parallel_state",
-    "megatron.core.num_microbatches_calculator",
-    "megatron.core.transformer",
-    "megatron.core.models.gpt",
-    "megatron.core.distributed",
-    "megatron.core.pipeline_parallel",
-    "megatron_kha",
-)
-
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
-_ERROR_GRACE_S = 0.5  # after the first failure, how long to wait for the other ranks' reports
-_OUTPUT_TAIL_CHARS = 6000
+# Imported once by the forkserver, so a (re)started worker is a fork with them already loaded:
+# ~0.1-0.5 s per restart instead of ~8 s of imports per rank with "spawn".
+PRELOAD_MODULES = [__name__, "torch.distributed", "megatron.core.models.gpt", "megatron.core.distributed",
+                   "megatron.core.pipeline_parallel", "megatron_kha"]
+_ERROR_GRACE_S = 0.5  # after a first failure, how long to wait for the other ranks' reports
+_TAIL_CHARS = 6000
+_INF = float("inf")
 
 
-class RankPoolError(RuntimeError):
-    """Base class of the pool's errors (except RankTaskTimeout, which is a TimeoutError)."""
-
-
-class RankPoolStartupError(RankPoolError):
-    """The workers could not be started or could not form the process group."""
-
-
-class RankTaskError(RankPoolError):
-    """A task raised on at least one rank.
-
-    Attributes: rank (lowest failing rank), exc_type ("module.Class" of its exception),
-    original (that exception unpickled, or None), tracebacks ({rank: traceback text}).
-    """
-
-    def __init__(self, message, rank=None, exc_type=None, original=None, tracebacks=None):
+class RankTaskError(RuntimeError):
+    """A task raised: `rank` (lowest failing), `exc_type` (name), `original` (None if unpicklable)."""
+    def __init__(self, message, rank, exc_type, original):
         super().__init__(message)
-        self.rank = rank
-        self.exc_type = exc_type
-        self.original = original
-        self.tracebacks = tracebacks or {}
+        self.rank, self.exc_type, self.original = rank, exc_type, original
 
 
-class WorkerDiedError(RankPoolError):
-    """A worker process exited during a task. Attributes: exitcodes ({rank: exitcode})."""
-
-    def __init__(self, message, exitcodes=None):
+class WorkerDiedError(RuntimeError):
+    """A worker exited during a task or at startup. exitcodes: {rank: exit code}."""
+    def __init__(self, message, exitcodes):
         super().__init__(message)
-        self.exitcodes = exitcodes or {}
+        self.exitcodes = exitcodes
 
 
 class RankTaskTimeout(TimeoutError):
-    """A task did not finish on every rank within its timeout."""
+    """A task (or the startup) did not finish on every rank within its timeout."""
 
 
-# --------------------------------------------------------------------------------------
-# Forkserver preload: the forkserver imports this module (set_forkserver_preload); when it
-# does, it also imports the heavy modules. Import errors are swallowed (the workers then
-# import, and report, them themselves).
+# ---- worker side ---------------------------------------------------------------------------
 
 
-def _preload():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in PRELOAD_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - a broken module is reported by the workers
-                pass
-
-
-def _imported_by_forkserver():
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "main" and frame.f_globals.get("__name__") == "multiprocessing.forkserver":
-            return True
-        frame = frame.f_back
-    return False
-
-
-if _imported_by_forkserver():
-    _preload()
-
-
-# --------------------------------------------------------------------------------------
-# Worker side
-
-
-def _watch_parent(parent_pid, initial_ppid):
-    """Exit the worker as soon as the test process (or the forkserver between) is gone."""
-    while True:
-        time.sleep(0.5)
-        gone = os.getppid() != initial_ppid
-        if not gone:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                gone = True
-            except PermissionError:
-                pass
-        if gone:
-            os._exit(70)
-
-
-def _send(conn, obj):
-    conn.send_bytes(pickle.dumps(obj, protocol=_PROTOCOL))
-
-
-def _flush_std():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _error_reply(tid, exc, stage):
-    tb = _tail(traceback.format_exc(), 50_000)
-    if stage != "task":
-        tb = f"(while {stage})\n{tb}"
-    try:
-        exc_bytes = pickle.dumps(exc, protocol=_PROTOCOL)
-        pickle.loads(exc_bytes)
-    except Exception:  # noqa: BLE001
-        exc_bytes = None
-    exc_type = f"{type(exc).__module__}.{type(exc).__qualname__}".replace("builtins.", "")
-    try:
-        text = _tail(str(exc), 2000)
-    except Exception:  # noqa: BLE001
-        text = "<str() of the exception failed>"
-    return ("err", tid, exc_type, text, tb, exc_bytes)
-
-
-def _sanitize(obj):
-    """Detach autograd outputs and compact views, so results pickle small and cleanly."""
+def _dumps(obj):
+    """Plain pickle, not multiprocessing's: that one moves tensors into shared memory, one fd
+    each, and fds must stay flat over thousands of tasks. Detaches autograd outputs (they refuse
+    to pickle) and copies views (pickle would send their whole storage)."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided:
-            return obj
-        if obj.grad_fn is not None:
-            obj = obj.detach()
-        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
-            obj = obj.clone()
-        return obj
-    if isinstance(obj, dict):
-        try:
-            return type(obj)((k, _sanitize(v)) for k, v in obj.items())
-        except Exception:  # noqa: BLE001 - exotic mapping: leave it alone
-            return obj
-    if isinstance(obj, list):
-        return [_sanitize(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_sanitize(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, t):
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                return NotImplemented
+            is_view = t.untyped_storage().nbytes() > t.numel() * t.element_size()
+            if t.grad_fn is None and not is_view:
+                return NotImplemented
+            return (t.detach().clone() if is_view else t.detach()).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+    Pickler(buf := io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
-def _teardown(num_threads):
-    """Reset Megatron's globals and torch's per-process settings; then a barrier."""
+def _error_reply(exc, stage=""):
+    cls = type(exc)
+    exc_type = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    reply = ("err", exc_type, str(exc)[:2000], stage + traceback.format_exc())
+    try:
+        pickle.loads(pickle.dumps(exc))  # some exceptions pickle but do not unpickle
+        return reply + (exc,)
+    except Exception:  # noqa: BLE001
+        return reply + (None,)
+
+
+def _reset_after_task():
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron.core import num_microbatches_calculator, parallel_state
 
-    parallel_state.destroy_model_parallel()  # idempotent; also drops _GLOBAL_MEMORY_BUFFER
-    if hasattr(parallel_state, "destroy_global_memory_buffer"):
-        parallel_state.destroy_global_memory_buffer()
-    try:
-        from megatron.core import num_microbatches_calculator as nmc
-    except ImportError:
-        nmc = None
-    if nmc is not None and hasattr(nmc, "destroy_num_microbatches_calculator"):
-        nmc.destroy_num_microbatches_calculator()
-    # Subgroups created by the task (Megatron's groups, new_group calls) hold sockets and
-    # threads; without this every task leaks them.
-    world = dist.group.WORLD
-    for pg in list(dist.distributed_c10d._world.pg_map.keys()):
-        if pg is not world:
-            try:
-                dist.destroy_process_group(pg)
-            except Exception:  # noqa: BLE001
-                pass
+    parallel_state.destroy_model_parallel()  # also drops the global memory buffer
+    num_microbatches_calculator.destroy_num_microbatches_calculator()
+    # Every group a task creates (Megatron's, new_group) holds sockets and threads: without
+    # destroying them, 100 tasks leaked ~7,500 fds and the pool hung.
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
     torch.set_grad_enabled(True)
     torch.set_default_dtype(torch.float32)
-    if torch.get_num_threads() != num_threads:
-        torch.set_num_threads(num_threads)
+    torch.set_num_threads(1)
     dist.barrier()
 
 
-def _run_task(tid, payload, num_threads):
+def _run_task(payload):
+    """The reply to one task, pickled."""
     try:
         fn, args, kwargs = pickle.loads(payload)
         result = fn(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - includes pytest.fail / SystemExit
-        # No teardown: the parent restarts the pool (the other ranks may be in a collective).
-        return _error_reply(tid, exc, "task")
+    except BaseException as exc:  # noqa: BLE001 - pytest.fail and SystemExit too
+        return _dumps(_error_reply(exc))  # no reset: the others may be stuck in a collective
     try:
-        _teardown(num_threads)
+        _reset_after_task()
+        return _dumps(("ok", result))
     except BaseException as exc:  # noqa: BLE001
-        return _error_reply(tid, exc, "tearing down Megatron state after the task")
-    try:
-        return ("ok", tid, pickle.dumps(_sanitize(result), protocol=_PROTOCOL))
-    except BaseException as exc:  # noqa: BLE001
-        return _error_reply(tid, exc, "pickling the task's return value")
+        return _dumps(_error_reply(exc, "(after the task: resetting state or pickling the result)\n"))
 
 
-def _worker_main(rank, world_size, port, conn, repo_root, log_path, parent_pid, pg_timeout_s):
-    try:
-        os.setpgid(0, 0)  # own process group: the parent kills it as a whole
-    except OSError:
-        pass
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    _flush_std()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+def _worker_main(rank, world_size, port, conn, log_path, pg_timeout_s, parent_pid):
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    for target in (1, 2):
+        os.dup2(fd, target)
     os.close(fd)
-    for name, fdno in (("stdout", 1), ("stderr", 2)):
-        stream = getattr(sys, name)
-        if stream is None or getattr(stream, "fileno", lambda: -1)() != fdno:
-            setattr(sys, name, open(fdno, "w", buffering=1, closefd=False))
-        else:
-            try:
-                stream.reconfigure(line_buffering=True)
-            except Exception:  # noqa: BLE001
-                pass
-    faulthandler.enable(file=sys.stderr, all_threads=True)
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    threading.Thread(target=_watch_parent, args=(parent_pid, os.getppid()), daemon=True).start()
-
-    if repo_root not in sys.path:
-        sys.path.insert(0, repo_root)
-    pythonpath = os.environ.get("PYTHONPATH", "")
-    if repo_root not in pythonpath.split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, pythonpath) if p)
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # hostname may not resolve in containers
-
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered: output survives os._exit
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    faulthandler.enable(all_threads=True)  # tracebacks on segfaults
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stack dump when a task times out
+    threading.Thread(target=_exit_when_test_process_dies, args=(parent_pid,), daemon=True).start()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the hostname may not resolve in containers
     try:
-        from datetime import timedelta
-
         import torch
-
-        torch.set_num_threads(1)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
+        import torch.distributed as dist
         from megatron_kha import enable_cpu_backend
 
+        torch.set_num_threads(1)
         enable_cpu_backend()
-        import torch.distributed as dist
-
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=pg_timeout_s),
-        )
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
         dist.barrier()
-        num_threads = torch.get_num_threads()
-    except BaseException:  # noqa: BLE001
-        _flush_std()
-        _send(conn, ("startup_error", traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001
+        conn.send_bytes(_dumps(_error_reply(exc)))
         os._exit(1)
-
-    _flush_std()
-    _send(conn, ("ready", os.getpid()))
+    conn.send_bytes(_dumps(("ok", None)))
     while True:
         try:
-            kind, tid, payload = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):  # the pool was closed
             os._exit(0)
-        if kind == "exit":
-            _flush_std()
-            os._exit(0)
-        reply = _run_task(tid, payload, num_threads)
-        _flush_std()
+        conn.send_bytes(_run_task(payload))
+
+
+def _exit_when_test_process_dies(pid):
+    # A rank stuck in a collective never sees its pipe close, and the forkserver outlives the
+    # test process while workers hold its "alive" pipe: poll the test process itself.
+    while True:
+        time.sleep(0.5)
         try:
-            conn.send_bytes(pickle.dumps(reply, protocol=_PROTOCOL))
-        except (EOFError, OSError):
-            os._exit(0)
+            os.kill(pid, 0)
+        except OSError:
+            os._exit(70)
 
 
-# --------------------------------------------------------------------------------------
-# Parent side
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fn_name(fn):
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+# ---- parent side ---------------------------------------------------------------------------
 
 
 def _describe_exit(code):
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+    return f"exit code {code}" if code is None or code >= 0 else f"killed: {signal.strsignal(-code)}"
 
 
-def _kill_procs(procs):
-    for p in procs:
-        if p.pid is None:
-            continue
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the worker's own group (worker + its children)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        try:
-            p.kill()
-        except Exception:  # noqa: BLE001
-            pass
-    for p in procs:
-        try:
-            p.join(5)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-class _Workers:
-    """One generation of workers: processes, pipes, log files."""
-
-    def __init__(self, ctx, world_size, port, logdir, gen, pg_timeout_s):
-        self.world_size = world_size
-        self.port = port
-        self.procs, self.conns, self.logs = [], [], []
-        self.offsets = [0] * world_size
-        self.ready = False
-        self.started_at = time.monotonic()
-        try:
-            for r in range(world_size):
-                log = os.path.join(logdir, f"gen{gen}_rank{r}.log")
-                open(log, "wb").close()
-                parent_conn, child_conn = ctx.Pipe(duplex=True)
-                p = ctx.Process(
-                    target=_worker_main,
-                    args=(r, world_size, port, child_conn, REPO_ROOT, log, os.getpid(), pg_timeout_s),
-                    name=f"rank_pool{world_size}-gen{gen}-rank{r}",
-                    daemon=False,  # daemonic processes may not have children
-                )
-                p.start()
-                child_conn.close()
-                self.procs.append(p)
-                self.conns.append(parent_conn)
-                self.logs.append(log)
-        except BaseException:
-            self.kill()
-            raise
-
-    def kill(self):
-        _kill_procs(self.procs)
-        for c in self.conns:
-            try:
-                c.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self.ready = False
-
-    def read_new_output(self, rank, advance=True):
-        try:
-            with open(self.logs[rank], "rb") as f:
-                f.seek(self.offsets[rank])
-                data = f.read()
-        except OSError:
-            return ""
-        if advance:
-            self.offsets[rank] += len(data)
-        return data.decode("utf-8", "replace")
-
-    def skip_output(self):
-        for r in range(self.world_size):
-            try:
-                self.offsets[r] = os.path.getsize(self.logs[r])
-            except OSError:
-                pass
-
-
-def _tail(text, limit=_OUTPUT_TAIL_CHARS):
-    return text if len(text) <= limit else "...\n" + text[-limit:]
-
-
-_LIVE_POOLS = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all_pools():
-    for pool in list(_LIVE_POOLS):
-        pool.close()
+_OPEN_POOLS = set()  # closed at exit, or multiprocessing's exit hook would wait for the workers forever
+atexit.register(lambda: [pool.close() for pool in list(_OPEN_POOLS)])
 
 
 class RankPool:
-    """`world_size` persistent gloo ranks; see the module docstring.
+    """`world_size` persistent gloo ranks, started in the background; `wait_ready()` (or the first
+    `run`) waits for them. task_timeout_s: default limit of one `run` (None: none); pg_timeout_s:
+    gloo's timeout for a collective missing a peer; startup_timeout_s: limit to join the group."""
 
-    task_timeout_s: default limit of one `run` (None: no limit); pg_timeout_s: timeout of the gloo process
-    group (a collective waiting on a missing peer fails after it); startup_timeout_s: limit
-    for the workers to import and form the group. Workers start in the background at
-    construction; `wait_ready()` (or the first `run`) waits for them.
-    """
-
-    def __init__(self, world_size, task_timeout_s=120, *, pg_timeout_s=60, startup_timeout_s=300,
-                 start_method=None):
-        if world_size < 1:
-            raise ValueError("world_size must be >= 1")
-        self.world_size = world_size
-        self.task_timeout_s = task_timeout_s
-        self.pg_timeout_s = pg_timeout_s
-        self.startup_timeout_s = startup_timeout_s
-        self.restarts = 0  # number of times the workers were killed and replaced
-        self.last_startup_s = None  # seconds from spawning the workers to all ranks ready
-        # The forkserver (and any subprocess) must import tests.* and megatron_kha.
+    def __init__(self, world_size, task_timeout_s=120, *, pg_timeout_s=60, startup_timeout_s=300):
+        self.world_size, self.task_timeout_s = world_size, task_timeout_s
+        self.pg_timeout_s, self.startup_timeout_s = pg_timeout_s, startup_timeout_s
+        self.restarts = 0  # times the workers were killed and replaced
+        # The forkserver and workers import this module by name; Python 3.11 does not pass them sys.path.
         pythonpath = os.environ.get("PYTHONPATH", "")
         if REPO_ROOT not in pythonpath.split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, pythonpath) if p)
-        start_method = start_method or os.environ.get("RANK_POOL_START_METHOD", "forkserver")
-        if start_method not in ("forkserver", "spawn"):  # "fork" would copy the test process's threads
-            raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {start_method!r}")
-        if start_method == "forkserver":
-            self._ctx = multiprocessing.get_context("forkserver")
-            self._ctx.set_forkserver_preload([__name__])
-        else:
-            self._ctx = multiprocessing.get_context(start_method)
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(PRELOAD_MODULES)
         self._lock = threading.RLock()
-        self._logdir = tempfile.mkdtemp(prefix=f"rank_pool{world_size}_")
-        self._gen = 0
-        self._task_id = 0
-        self._workers = None
-        self._closed = False
-        self._live = []  # the current _Workers, for the finalizer
-        self._finalizer = weakref.finalize(self, RankPool._finalize, self._live, self._logdir)
-        _LIVE_POOLS.add(self)
-        self._spawn()
+        # Each rank's stdout+stderr; we read them on, from where the last read stopped.
+        self._logs = [tempfile.NamedTemporaryFile(prefix=f"rank_pool_rank{r}_", suffix=".log")
+                      for r in range(world_size)]
+        self._procs, self._conns, self._closed = [], [], False
+        _OPEN_POOLS.add(self)
+        self._start()
 
-    # ---- lifecycle -------------------------------------------------------------------
+    def _start(self):
+        with socket.socket() as s:  # a free port, for rank 0's TCP store
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._ready, self._started_at = False, time.monotonic()
+        for r, log in enumerate(self._logs):
+            log.seek(0)
+            log.truncate()
+            parent_conn, child_conn = self._ctx.Pipe()
+            args = (r, self.world_size, self.port, child_conn, log.name, self.pg_timeout_s, os.getpid())
+            self._procs.append(self._ctx.Process(target=_worker_main, args=args, name=f"rank_pool-rank{r}"))
+            self._procs[-1].start()
+            child_conn.close()
+            self._conns.append(parent_conn)
 
-    @staticmethod
-    def _finalize(live, logdir):
-        for w in live:
-            w.kill()
-        live.clear()
-        shutil.rmtree(logdir, ignore_errors=True)
-
-    def _spawn(self):
-        self._gen += 1
-        self._workers = _Workers(self._ctx, self.world_size, _free_port(), self._logdir, self._gen, self.pg_timeout_s)
-        self._live[:] = [self._workers]
-
-    def _discard_workers(self):
-        if self._workers is not None:
-            self._workers.kill()
-            for log in self._workers.logs:
-                try:
-                    os.unlink(log)
-                except OSError:
-                    pass
-        self._workers = None
-        self._live.clear()
+    def _kill(self):
+        for proc, conn in zip(self._procs, self._conns):
+            proc.kill()
+            proc.join(5)
+            conn.close()
+        self._procs, self._conns = [], []
 
     def _restart(self):
-        """Kill the current workers and start new ones (in the background) on a new port."""
-        self._discard_workers()
+        self._kill()
         self.restarts += 1
-        self._spawn()
+        self._start()
 
     def close(self):
         """Stop the workers; the pool cannot be used afterwards."""
-        with self._lock:
-            if self._closed:
-                return
+        with self._lock:  # idempotent
             self._closed = True
-            w = self._workers
-            if w is not None and w.ready:
-                for c in w.conns:
-                    try:
-                        c.send_bytes(pickle.dumps(("exit", 0, b""), protocol=_PROTOCOL))
-                    except Exception:  # noqa: BLE001
-                        pass
-                deadline = time.monotonic() + 2.0
-                for p in w.procs:
-                    p.join(max(0.0, deadline - time.monotonic()))
-            self._discard_workers()
-            self._finalizer()
-            _LIVE_POOLS.discard(self)
+            self._kill()
+            for log in self._logs:
+                log.close()  # and deletes it
+            _OPEN_POOLS.discard(self)
 
     def __enter__(self):
         return self
@@ -554,235 +244,109 @@ class RankPool:
         self.close()
 
     @property
-    def port(self):
-        return self._workers.port if self._workers else None
-
-    @property
     def pids(self):
-        return [p.pid for p in self._workers.procs] if self._workers else []
+        return [proc.pid for proc in self._procs]
+
+    def _new_output(self):
+        """{rank: what the rank wrote since the last call}."""
+        return {r: log.read().decode("utf-8", "replace") for r, log in enumerate(self._logs)}
+
+    def _collect(self, deadline, grace_s):
+        """Wait for one reply per rank until the deadline (monotonic), or grace_s after the first error
+        or death (seen at once, via the sentinels). Returns (replies, {dead rank: exitcode}, pending)."""
+        replies, died, pending, grace_until = {}, {}, set(range(self.world_size)), _INF
+        while pending:
+            left = min(deadline, grace_until) - time.monotonic()
+            if left <= 0:
+                break
+            waitables = [self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending]
+            ready = multiprocessing.connection.wait(waitables, None if left == _INF else left)
+            for r in [r for r in pending if self._conns[r] in ready or self._procs[r].sentinel in ready]:
+                pending.discard(r)
+                conn = self._conns[r]
+                try:
+                    if conn in ready or conn.poll():  # a reply sent just before exiting is read first
+                        replies[r] = pickle.loads(conn.recv_bytes())
+                        continue
+                except (EOFError, OSError):
+                    pass
+                self._procs[r].join(1)
+                died[r] = self._procs[r].exitcode
+            if grace_until == _INF and (died or any(m[0] == "err" for m in replies.values())):
+                grace_until = time.monotonic() + grace_s
+        return replies, died, pending
+
+    def _fail(self, name, timeout_s, replies, died, pending):
+        """Restart the workers; return the exception to raise, with the ranks' tracebacks and output."""
+        errors = {r: m for r, m in sorted(replies.items()) if m[0] == "err"}
+        if died:
+            what = ", ".join(f"rank {r} ({_describe_exit(c)})" for r, c in sorted(died.items()))
+            lines = [f"{name}: worker died: {what}"]
+        elif errors:
+            r0, (_, exc_type, exc_msg, _, original) = next(iter(errors.items()))
+            lines = [f"{name} failed on rank {r0}: {exc_type}: {exc_msg}  [failing ranks: {list(errors)}]"]
+        else:
+            lines = [f"{name} did not finish within {timeout_s} s on ranks {sorted(pending)}"]
+            for r in pending:  # faulthandler writes the stuck (not yet reaped) ranks' stacks to their output
+                os.kill(self._procs[r].pid, signal.SIGUSR1)
+            time.sleep(0.3)
+        lines += [f"---- rank {r} traceback ----\n{m[3][-_TAIL_CHARS:].rstrip()}" for r, m in errors.items()]
+        if pending and (died or errors):
+            lines.append(f"ranks {sorted(pending)} had not finished (probably blocked in a collective)")
+        lines += [f"---- rank {r} output ----\n{text[-_TAIL_CHARS:].rstrip()}"
+                  for r, text in self._new_output().items() if text.strip()]
+        lines.append("(the pool's workers were killed and restarted on a new port)")
+        self._restart()
+        message = "\n".join(lines)
+        if died:
+            return WorkerDiedError(message, died)
+        if not errors:
+            return RankTaskTimeout(message)
+        return RankTaskError(message, r0, exc_type, original)
 
     def wait_ready(self):
-        """Block until all ranks have joined the process group (restarting dead workers)."""
+        """Block until all ranks have joined the process group (restarting dead idle workers)."""
         __tracebackhide__ = True
         with self._lock:
             if self._closed:
-                raise RankPoolError("the pool is closed")
-            attempts = 0
-            while True:
-                w = self._workers
-                if w is None:
-                    self._spawn()
-                    w = self._workers
-                if w.ready:
-                    if all(p.is_alive() for p in w.procs):
-                        return
-                    dead = {r: p.exitcode for r, p in enumerate(w.procs) if not p.is_alive()}
-                    warnings.warn(f"RankPool({self.world_size}): idle workers died ({dead}); restarting")
-                    self._restart()
-                    continue
-                try:
-                    self._wait_startup(w)
-                    return
-                except RankPoolStartupError as exc:
-                    self._discard_workers()
-                    attempts += 1
-                    if getattr(exc, "address_in_use", False) and attempts < 5:
-                        continue  # the port was taken between picking and binding it
-                    raise
-
-    def _wait_startup(self, w):
-        deadline = w.started_at + self.startup_timeout_s
-        pending = set(range(w.world_size))
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RankPoolStartupError(self._startup_report(w, pending, "did not start within "
-                                                                f"{self.startup_timeout_s} s"))
-            waitables = {w.conns[r]: r for r in pending}
-            waitables.update({w.procs[r].sentinel: r for r in pending})
-            for obj in multiprocessing.connection.wait(list(waitables), timeout=remaining):
-                r = waitables[obj]
-                if r not in pending:
-                    continue
-                conn = w.conns[r]
-                if obj is not conn and conn.poll():
-                    obj = conn  # it wrote something before exiting: read that first
-                if obj is conn:
-                    try:
-                        msg = pickle.loads(conn.recv_bytes())
-                    except (EOFError, OSError):
-                        w.procs[r].join(1)
-                        raise RankPoolStartupError(self._startup_report(
-                            w, [r], f"rank {r} exited during startup ({_describe_exit(w.procs[r].exitcode)})"))
-                    if msg[0] == "ready":
-                        pending.discard(r)
-                        continue
-                    err = RankPoolStartupError(self._startup_report(
-                        w, [r], f"rank {r} failed during startup:\n{msg[1]}"))
-                    err.address_in_use = any(s in msg[1] for s in ("EADDRINUSE", "ddress already in use"))
-                    raise err
-                w.procs[r].join(1)
-                raise RankPoolStartupError(self._startup_report(
-                    w, [r], f"rank {r} exited during startup ({_describe_exit(w.procs[r].exitcode)})"))
-        w.ready = True
-        w.skip_output()  # import warnings etc. are not the first task's output
-        self.last_startup_s = time.monotonic() - w.started_at
-
-    def _startup_report(self, w, ranks, what):
-        lines = [f"RankPool(world_size={w.world_size}, port {w.port}): {what}"]
-        for r in sorted(ranks):
-            out = w.read_new_output(r, advance=False)
-            if out.strip():
-                lines.append(f"---- rank {r} output ----\n{_tail(out)}")
-        return "\n".join(lines)
-
-    # ---- tasks -------------------------------------------------------------------------
+                raise RuntimeError("the RankPool is closed")
+            if self._ready and all(proc.is_alive() for proc in self._procs):
+                return
+            if self._ready:
+                self._restart()
+            replies, died, pending = self._collect(self._started_at + self.startup_timeout_s, 0)
+            if [m[0] for m in replies.values()].count("ok") < self.world_size:
+                raise self._fail(f"RankPool({self.world_size}) startup", self.startup_timeout_s,
+                                 replies, died, pending)
+            self._ready = True
+            self._new_output()  # import warnings are not the first task's output
 
     def run(self, fn, *args, **kwargs):
         """Run fn(*args, **kwargs) on every rank; return [result of rank 0, rank 1, ...]."""
-        __tracebackhide__ = True  # pytest: show the test's line and the message, not pool internals
+        __tracebackhide__ = True  # pytest shows the test's line and the message, not pool internals
         return self.run_with_timeout(self.task_timeout_s, fn, *args, **kwargs)
 
     def run_with_timeout(self, timeout_s, fn, *args, **kwargs):
         """`run` with its own time limit in seconds (None: no limit)."""
         __tracebackhide__ = True
-        name = _fn_name(fn)
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
         try:
-            payload = pickle.dumps((fn, args, kwargs), protocol=_PROTOCOL)
+            payload = pickle.dumps((fn, args, kwargs))
         except Exception as exc:
-            raise TypeError(
-                f"cannot send task {name} to the workers: the function must be defined at module "
-                f"level of an importable module, and its arguments picklable ({exc})"
-            ) from exc
+            raise TypeError(f"cannot send task {name}: tasks must be defined at module level of an "
+                            f"importable module, with picklable arguments ({exc})") from exc
         with self._lock:
             self.wait_ready()
-            w = self._workers
-            self._task_id += 1
-            tid = self._task_id
-            message = pickle.dumps(("task", tid, payload), protocol=_PROTOCOL)
             try:
-                for r, conn in enumerate(w.conns):
-                    try:
-                        conn.send_bytes(message)
-                    except (OSError, EOFError):
-                        pass  # a dead worker is reported by _collect
-                results = self._collect(w, tid, name, timeout_s)
-            except BaseException:
-                if self._workers is w:  # interrupted (e.g. KeyboardInterrupt): workers are mid-task
-                    self._restart()
+                for conn in self._conns:
+                    conn.send_bytes(payload)
+                deadline = time.monotonic() + (_INF if timeout_s is None else timeout_s)
+                replies, died, pending = self._collect(deadline, _ERROR_GRACE_S)
+            except BaseException:  # e.g. KeyboardInterrupt: the workers are mid-task
+                self._restart()
                 raise
-            self._forward_output(w)
-            return results
-
-    def _collect(self, w, tid, name, timeout_s):
-        __tracebackhide__ = True
-        n = w.world_size
-        results = [None] * n
-        pending = set(range(n))
-        errors, exitcodes = {}, {}
-        deadline = time.monotonic() + (float("inf") if timeout_s is None else timeout_s)
-        grace_deadline = None
-        while pending:
-            now = time.monotonic()
-            if grace_deadline is not None and now >= grace_deadline:
-                break
-            if now >= deadline:
-                self._timeout(w, name, timeout_s, pending)  # raises
-            until = deadline if grace_deadline is None else min(deadline, grace_deadline)
-            waitables = {w.conns[r]: r for r in pending}
-            waitables.update({w.procs[r].sentinel: r for r in pending})
-            wait_s = None if until == float("inf") else max(0.0, until - now)
-            for obj in multiprocessing.connection.wait(list(waitables), timeout=wait_s):
-                r = waitables[obj]
-                if r not in pending:
-                    continue
-                conn = w.conns[r]
-                if obj is not conn and conn.poll():
-                    obj = conn
-                if obj is conn:
-                    try:
-                        reply = pickle.loads(conn.recv_bytes())
-                    except (EOFError, OSError):
-                        w.procs[r].join(1)
-                        exitcodes[r] = w.procs[r].exitcode
-                        pending.discard(r)
-                        continue
-                    if reply[1] != tid:
-                        continue  # stale reply; cannot happen after a restart, but be safe
-                    pending.discard(r)
-                    if reply[0] == "ok":
-                        try:
-                            results[r] = pickle.loads(reply[2])
-                        except Exception as exc:  # noqa: BLE001
-                            errors[r] = ("err", tid, type(exc).__name__, str(exc),
-                                         "(while unpickling the result in the test process)\n"
-                                         + traceback.format_exc(), None)
-                    else:
-                        errors[r] = reply
-                else:
-                    w.procs[r].join(1)
-                    exitcodes[r] = w.procs[r].exitcode
-                    pending.discard(r)
-            if (errors or exitcodes) and grace_deadline is None:
-                grace_deadline = time.monotonic() + _ERROR_GRACE_S
-        if not errors and not exitcodes:
-            return results
-        self._fail(w, name, errors, exitcodes, pending)
-
-    def _fail(self, w, name, errors, exitcodes, pending):
-        __tracebackhide__ = True
-        outputs = {r: w.read_new_output(r) for r in range(w.world_size)}
-        self._restart()
-        lines = []
-        if exitcodes:
-            r0 = min(exitcodes)
-            what = ", ".join(f"rank {r} ({_describe_exit(c)})" for r, c in sorted(exitcodes.items()))
-            lines.append(f"{name}: worker died during the task: {what}")
-        else:
-            r0 = min(errors)
-            _, _, exc_type, exc_msg, _, _ = errors[r0]
-            failing = ", ".join(f"rank {r}" for r in sorted(errors))
-            lines.append(f"{name} failed on rank {r0}: {exc_type}: {exc_msg}  [failed: {failing}]")
-        for r in sorted(errors):
-            lines.append(f"---- rank {r} traceback ----\n{errors[r][4].rstrip()}")
-        if pending:
-            lines.append(f"ranks {sorted(pending)} had not finished (probably blocked in a collective)")
-        for r in range(w.world_size):
-            if outputs[r].strip():
-                lines.append(f"---- rank {r} output ----\n{_tail(outputs[r]).rstrip()}")
-        lines.append(f"(the pool's workers were killed and restarted on a new port)")
-        message = "\n".join(lines)
-        if exitcodes:
-            raise WorkerDiedError(message, exitcodes)
-        original = None
-        if errors[r0][5] is not None:
-            try:
-                original = pickle.loads(errors[r0][5])
-            except Exception:  # noqa: BLE001
-                original = None
-        raise RankTaskError(message, rank=r0, exc_type=errors[r0][2], original=original,
-                            tracebacks={r: e[4] for r, e in errors.items()})
-
-    def _timeout(self, w, name, timeout_s, pending):
-        __tracebackhide__ = True
-        for r in pending:  # ask the stuck ranks for a stack dump (faulthandler on SIGUSR1)
-            try:
-                os.kill(w.procs[r].pid, signal.SIGUSR1)
-            except OSError:
-                pass
-        time.sleep(0.3)
-        outputs = {r: w.read_new_output(r) for r in range(w.world_size)}
-        self._restart()
-        lines = [f"{name} did not finish within {timeout_s} s on ranks {sorted(pending)}; "
-                 f"the pool's workers were killed and restarted"]
-        for r in range(w.world_size):
-            if outputs[r].strip():
-                lines.append(f"---- rank {r} output (stack dump of stuck ranks at the end) ----\n"
-                             f"{_tail(outputs[r]).rstrip()}")
-        raise RankTaskTimeout("\n".join(lines))
-
-    def _forward_output(self, w):
-        for r in range(w.world_size):
-            out = w.read_new_output(r)
-            if out:
-                sys.stdout.write("".join(f"[rank {r}] {line}\n" for line in out.splitlines()))
+            if [m[0] for m in replies.values()].count("ok") < self.world_size:
+                raise self._fail(name, timeout_s, replies, died, pending)
+            for r, text in self._new_output().items():
+                sys.stdout.write("".join(f"[rank {r}] {line}\n" for line in text.splitlines()))
+            return [replies[r][1] for r in range(self.world_size)]

@@ -1,5 +1,7 @@
 """The persistent gloo rank pool (tests/rank_pool.py): results, rank order, failures, recovery."""
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -184,13 +186,24 @@ def test_dead_worker_is_detected_quickly_and_pool_recovers(small_pool):
     _assert_pool_works(small_pool)
 
 
+def test_worker_watchdog_exits_when_the_test_process_dies():
+    # What each worker runs in a thread (a rank stuck in a collective never sees its pipe close).
+    test_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = subprocess.Popen([sys.executable, "-c", "from tests.rank_pool import "
+                               f"_exit_when_test_process_dies as f; f({test_process.pid})"])
+    try:
+        time.sleep(1)
+        assert worker.poll() is None, "the watchdog exited while the test process was alive"
+        test_process.kill()
+        test_process.wait()
+        assert worker.wait(timeout=5) == 70
+    finally:
+        test_process.kill()
+        worker.kill()
+
+
 def test_four_ranks(pool4):
     _assert_pool_works(pool4)
     results = pool4.run(identity_task, tag="four")
     assert [r["rank"] for r in results] == [0, 1, 2, 3]
     assert len(set(r["pid"] for r in results)) == 4
-
-
-@pytest.mark.gpu
-def test_gpu_marker_skips_without_cuda():
-    assert torch.cuda.is_available()
