@@ -16,7 +16,6 @@ bytes (what a bf16 cache would hold), not a separate bf16 run. Runs on CPU (gloo
 """
 import argparse
 import os
-import socket
 import sys
 import warnings
 
@@ -49,23 +48,6 @@ def parse_args(argv=None):
     return args
 
 
-def init_single_rank():
-    import torch
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megatron_kha import enable_cpu_backend
-
-    enable_cpu_backend()
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-
-
 def build(args, **variant):
     import torch
     from megatron.core.models.gpt import GPTModel
@@ -84,9 +66,6 @@ def build(args, **variant):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=torch.float32,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         **variant,
     )
     torch.manual_seed(0)
@@ -126,7 +105,9 @@ def fmt(x: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    init_single_rank()
+    from megatron_kha.world import ensure_single_process_world  # after argparse: --help stays fast
+
+    ensure_single_process_world()
     h = args.num_query_groups
     try:
         rows = [("baseline", build(args))]

@@ -71,8 +71,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.checkpoint deprecations
     from megatron_kha.convert import checkpoint_io
     from megatron_kha.convert.mea_compress import compress_state_dict, compressed_config
+    from megatron_kha.world import ensure_single_process_world
 
-    checkpoint_io.ensure_single_rank_world()
+    ensure_single_process_world()
     try:
         cfg = checkpoint_io.load_config(args.load)
     except (FileNotFoundError, ValueError) as err:

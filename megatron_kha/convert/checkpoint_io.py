@@ -12,23 +12,22 @@ Saving writes into a temporary sibling directory and renames it at the end, so a
 interrupted save never leaves a half-written checkpoint under the final name; an existing
 output is replaced only with force=True.
 
-Needs torch.distributed initialised (a one-rank gloo world does: `ensure_single_rank_world`).
+Needs torch.distributed initialised (`megatron_kha.world.ensure_single_process_world` makes one).
 Megatron's torch_dist writer starts a "spawn" multiprocessing manager on the first save, so a
 script that saves must keep its work under `if __name__ == "__main__":`.
 """
 import os
 import shutil
-import socket
 import uuid
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing
 from megatron.core.activations import squared_relu
 from megatron.core.models.gpt import GPTModel
 
-from megatron_kha import KHAConfig, enable_cpu_backend, get_gpt_decoder_block_spec
+from megatron_kha import KHAConfig, get_gpt_decoder_block_spec
 
 CONFIG_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -44,23 +43,9 @@ ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "squared_relu": s
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Runtime settings for a CPU, single-process rebuild (not properties of the checkpoint).
 _RUNTIME = dict(
-    use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
-    apply_rope_fusion=False, gradient_accumulation_fusion=False, tensor_model_parallel_size=1,
+    use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=1,
     pipeline_model_parallel_size=1, sequence_parallel=False,
 )
-
-
-def ensure_single_rank_world() -> None:
-    """A one-process gloo world with TP = PP = 1 (what dist_checkpointing and the model need)."""
-    enable_cpu_backend()
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
 
 
 def model_config_dict(model: GPTModel) -> dict:
