@@ -4,7 +4,7 @@ Every impossible combination fails in `__post_init__`, at construction, with a
 ValueError that names the field and the allowed values, so a bad launch dies
 before any rank builds a model.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -122,3 +122,30 @@ class KHAConfig(TransformerConfig):
         for field in ("flash_decode", "fused_single_qkv_rope"):
             if getattr(self, field):
                 _fail(field, True, "not supported together with attention_variant='mea'; allowed: False")
+
+
+_VARIANT_FIELDS = {f.name for f in fields(KHAConfig)} - {f.name for f in fields(TransformerConfig)}
+
+
+def resolve_attention_config(config, attention_variant: str, **settings) -> KHAConfig:
+    """The KHAConfig an attention module of `attention_variant` runs with.
+
+    `config` may be a plain TransformerConfig (Megatron-LM) or a KHAConfig; settings that are not
+    None (spec params) override its fields. Returns `config` itself when nothing changes; otherwise
+    a validated KHAConfig copy (TransformerConfig's own __post_init__ already ran on `config`).
+    """
+    settings = {name: value for name, value in settings.items() if value is not None}
+    if (
+        isinstance(config, KHAConfig)
+        and config.attention_variant == attention_variant
+        and all(getattr(config, name) == value for name, value in settings.items())
+    ):
+        return config
+    resolved = KHAConfig.__new__(KHAConfig)
+    resolved.__dict__.update({f.name: f.default for f in fields(KHAConfig) if f.name in _VARIANT_FIELDS})
+    resolved.__dict__.update(vars(config))
+    resolved.attention_variant = attention_variant
+    for name, value in settings.items():
+        setattr(resolved, name, value)
+    resolved._validate_attention_variant()
+    return resolved

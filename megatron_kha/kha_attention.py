@@ -8,6 +8,10 @@ before any normalisation, then split, knock and normalise here.
 
 Every parameter a plain SelfAttention has keeps its name; the new ones live in
 `knocking_q`, `knocking_k`, `knocking_v` (only the enabled targets exist).
+
+Settings come from a KHAConfig, or from spec params (`kha_targets=...` keyword arguments,
+which win over the config): Megatron-LM's pretrain_gpt.py builds a plain TransformerConfig,
+so a `--spec` carries them (megatron_kha/megatron_lm.py).
 """
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -17,6 +21,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_kha.config import resolve_attention_config
 from megatron_kha.knocking import KnockingLinear, KnockingMLP
 from megatron_kha.qkv_heads import own_query_heads, split_heads
 
@@ -40,7 +45,13 @@ class KHASelfAttention(SelfAttention):
         attn_mask_type: AttnMaskType = AttnMaskType.padding,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        kha_targets: Optional[str] = None,
+        kha_type: Optional[str] = None,
+        kha_init: Optional[str] = None,
     ):
+        config = resolve_attention_config(
+            config, "kha", kha_targets=kha_targets, kha_type=kha_type, kha_init=kha_init
+        )
         super().__init__(
             config=config,
             submodules=submodules,

@@ -19,6 +19,7 @@ Where each step happens (no fork of Attention.forward):
 TP layout of A_K, A_V: replicated on every rank, gradients summed over TP
 (megatron_kha/replicated.py); each rank uses only its own composite columns.
 Parameters of a plain layer keep their names (h' = h gives Megatron's linear_qkv layout).
+Settings come from a KHAConfig or from spec params (keyword arguments, which win), as for KHA.
 """
 import copy
 from typing import Optional
@@ -31,6 +32,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank
 
+from megatron_kha.config import resolve_attention_config
 from megatron_kha.qkv_heads import own_query_heads, split_heads
 from megatron_kha.replicated import init_replicated_, new_replicated_param, replicated_for_tp
 
@@ -89,7 +91,13 @@ class MEASelfAttention(SelfAttention):
         attn_mask_type: AttnMaskType = AttnMaskType.padding,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        mea_virtual_kv_heads: Optional[int] = None,
+        mea_head_norm: Optional[bool] = None,
     ):
+        # mea_head_norm is recorded in the config; the norm itself is the spec's linear_proj.
+        config = resolve_attention_config(
+            config, "mea", mea_virtual_kv_heads=mea_virtual_kv_heads, mea_head_norm=mea_head_norm
+        )
         h, h_virtual = config.num_query_groups, config.mea_virtual_kv_heads
         # Megatron builds linear_qkv and splits heads for h' groups: the components.
         component_config = copy.copy(config)

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 * hidden size")
     g.add_argument("--num-attention-heads", type=int, default=4)
     g.add_argument("--num-query-groups", type=int, default=None, help="KV heads (GQA); default: attention heads")
+    g.add_argument("--kv-channels", type=int, default=None, help="head dim; default: hidden size / attention heads")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: seq length")
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size; default: --ffn-hidden-size")
     g = p.add_argument_group("attention variant (megatron_kha)")
     g.add_argument("--attention-variant", choices=ATTENTION_VARIANTS, default="baseline")
     g.add_argument("--kha-targets", default="v", help="non-empty subset of 'qkv'")
@@ -97,7 +99,7 @@ def _validate(parser, args) -> None:
                 "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "expert_model_parallel_size", "context_parallel_size", "log_interval", "eval_interval",
                 "metrics_interval"]
-    optional_positive = ["ffn_hidden_size", "num_query_groups", "max_position_embeddings", "global_batch_size",
+    optional_positive = ["ffn_hidden_size", "num_query_groups", "kv_channels", "moe_ffn_hidden_size", "max_position_embeddings", "global_batch_size",
                          "save_interval", "exit_interval", "num_experts", "mea_virtual_kv_heads"]
     for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
         if getattr(args, name) < 1:
@@ -163,6 +165,7 @@ def model_config(args, **runtime) -> KHAConfig:
         ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups or args.num_attention_heads,
+        kv_channels=args.kv_channels,
         normalization=args.normalization,
         qk_layernorm=args.qk_layernorm,
         add_bias_linear=False,
@@ -170,6 +173,7 @@ def model_config(args, **runtime) -> KHAConfig:
         attention_dropout=args.attention_dropout,
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size if args.num_experts else None,
         moe_aux_loss_coeff=1e-2 if args.num_experts else 0.0,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

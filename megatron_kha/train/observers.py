@@ -8,6 +8,8 @@ outputs (this rank's heads), PNG heatmaps of the matrices and GPU telemetry.
 import json
 import os
 
+from megatron.core import parallel_state
+
 from megatron_kha.observe.head_metrics import HeadOutputSimilarity, knocking_identity_distance
 from megatron_kha.observe.heatmap import write_model_heatmaps
 from megatron_kha.observe.nonfinite import check_finite
@@ -22,7 +24,10 @@ class Observers:
         self.args, self.model, self.rank0 = args, model, rank0
         self.spikes = LossSpikeDetector()
         self.skipped = 0
-        self.telemetry = GpuTelemetry()
+        self.telemetry = GpuTelemetry(device_indices=[int(os.environ.get("LOCAL_RANK", "0"))])
+        # Each pipeline stage holds different layers: one writer per stage (TP and DP rank 0).
+        self.stage_writer = (parallel_state.get_tensor_model_parallel_rank() == 0
+                             and parallel_state.get_data_parallel_rank() == 0)
         self.similarity = HeadOutputSimilarity(model)
         self.tensorboard = ScalarLogger(args.tensorboard_dir, enabled=rank0) if args.tensorboard_dir else None
         self.progress = ProgressBar(args.train_iters, enabled=rank0 and not args.no_progress_bar, initial=start_iteration)
@@ -66,7 +71,7 @@ class Observers:
         out = {f"identity_distance/{k}": v for k, v in knocking_identity_distance(self.model).items()}
         out.update({f"head_cosine/{k}": v for k, v in self.similarity.compute().items()})
         out.update({f"gpu/{k}": v for k, v in self.telemetry.sample().items()})
-        if self.rank0 and self.heatmap_dir:
+        if self.stage_writer and self.heatmap_dir:
             write_model_heatmaps(self.model, self.heatmap_dir, iteration)
         return out
 
