@@ -50,6 +50,7 @@ def _train_cmd(tmp, name, extra=()):
         "--lr", "3e-3", "--lr-warmup-iters", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--attention-variant", "kha", "--kha-targets", "qkv", "--hidden-dropout", "0.1",
         "--eval-interval", "1000", "--eval-iters", "0", "--log-interval", "1", "--no-progress-bar",
+        "--metrics-interval", "4", "--heatmap-dir", str(tmp / f"{name}-heatmaps"),
         "--data-cache-dir", str(tmp / "data-cache"), "--metrics-file", str(tmp / f"{name}.jsonl"), *extra,
     ]
 
@@ -82,6 +83,13 @@ def test_sigkill_and_resume_logs_the_uninterrupted_losses(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     reference = _losses(tmp_path / "full.jsonl")
     assert sorted(reference) == list(range(1, 13))
+    # the periodic head metrics ran (they only read the model, so the losses stay comparable)
+    records = [json.loads(line) for line in open(tmp_path / "full.jsonl")]
+    metrics = [r for r in records if any(k.startswith("identity_distance/") for k in r)]
+    assert [r["iteration"] for r in metrics] == [4, 8, 12]
+    assert all(any(k.startswith("head_cosine/") for k in r) for r in metrics)
+    assert metrics[-1]["identity_distance/layer0/knocking_v.weight"] > 0  # T moved away from I
+    assert len(os.listdir(tmp_path / "full-heatmaps")) == 3 * 2 * 3  # 3 times x 2 layers x q, k, v
 
     save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "3"]
     killed = subprocess.Popen(_train_cmd(tmp_path, "killed", save), env=_env(), start_new_session=True,
@@ -114,3 +122,25 @@ def test_interrupted_save_never_becomes_latest(pool2, tmp_path):
         assert result["incomplete_left"] and not result["final_of_failed_exists"]
         assert result["loaded_iteration"] == 1 and result["weights_restored"]
         assert result["tracker_after_retry"] == 2 and not result["incomplete_after_retry"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--attention-variant", "mea", "--mea-virtual-kv-heads", "1", "--pipeline-model-parallel-size", "2"],
+        ["--attention-variant", "kha", "--kha-type", "mlp", "--kha-targets", "v", "--num-experts", "4",
+         "--expert-model-parallel-size", "2"],
+    ],
+    ids=["mea-pp2", "kha-mlp-moe-ep2"],
+)
+def test_entry_point_trains_other_layouts(tmp_path, layout):
+    cmd = _train_cmd(tmp_path, "run", layout)
+    i = cmd.index("--tensor-model-parallel-size")
+    cmd[i + 1] = "1"  # two ranks go to PP or EP/DP instead
+    cmd[cmd.index("--train-iters") + 1] = "6"
+    cmd[cmd.index("--lr-warmup-iters") + 1] = "1"
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = _losses(tmp_path / "run.jsonl")
+    assert sorted(losses) == list(range(1, 7))
+    assert losses[6] < losses[1]  # it learns

@@ -7,6 +7,8 @@ launch fails on every rank with a message that names the flag, before any work s
 import argparse
 import os
 
+import torch
+
 from megatron_kha.config import ATTENTION_VARIANTS, KHA_INITS, KHA_TYPES, KHAConfig
 
 # KHAConfig field -> flag, to translate config errors into flag errors.
@@ -143,11 +145,13 @@ def _validate(parser, args) -> None:
     if args.load and not os.path.isdir(args.load):
         _error(parser, "--load", f"{args.load!r} is not a directory")
     try:
-        model_config(args)
-    except ValueError as err:
+        model_config(args, pipeline_dtype=torch.float32)  # the loop sets the real dtypes
+    except (ValueError, AssertionError) as err:
         text = str(err)
-        field = text.split("=", 1)[0].replace("KHAConfig.", "").strip()
-        _error(parser, CONFIG_FLAGS.get(field, "--" + field.replace("_", "-")), text)
+        if text.startswith("KHAConfig."):  # our validation names the field: translate it to its flag
+            field = text.split("=", 1)[0].replace("KHAConfig.", "").strip()
+            _error(parser, CONFIG_FLAGS.get(field, "--" + field.replace("_", "-")), text)
+        parser.error(f"invalid model configuration (Megatron-Core's TransformerConfig): {text}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
