@@ -60,7 +60,10 @@ def main(argv=None) -> int:
             val = f"{valid[final[n]]:.4f} (iter {final[n]})" if final[n] else "n/a"
             lines.append(f"| {n} | {last:.4f} | {val} | {tps:.0f} | {legend.get(n, '')} |")
         if args.plot:
-            lines += ["", f"![loss curves]({os.path.basename(args.plot)})"]
+            losses = [v for r in runs.values() for v in r[0].values()]
+            lines += ["", f"![loss curves]({os.path.basename(args.plot)})", "",
+                      f"Plot: x = iteration ({steps[0]}..{steps[-1]}), y = training loss "
+                      f"({min(losses):.3f}..{max(losses):.3f}); colours as in the table."]
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w") as f:
             f.write("\n".join(lines) + "\n")
