@@ -13,6 +13,15 @@ ATTENTION_VARIANTS = ("baseline", "kha", "mea")
 KHA_TYPES = ("linear", "mlp")
 KHA_INITS = ("identity", "random")
 KHA_TARGET_ORDER = "qkv"
+# KHAConfig fields of the attention variant -> their command-line flag (train and Megatron-LM plug-in).
+VARIANT_FLAGS = {
+    "attention_variant": "--attention-variant",
+    "kha_targets": "--kha-targets",
+    "kha_type": "--kha-type",
+    "kha_init": "--kha-init",
+    "mea_virtual_kv_heads": "--mea-virtual-kv-heads",
+    "mea_head_norm": "--mea-head-norm",
+}
 
 
 def _fail(field: str, value, allowed: str) -> None:

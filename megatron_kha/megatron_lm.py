@@ -37,19 +37,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import L2Norm
 
 from megatron_kha.config import (
-    ATTENTION_VARIANTS, KHA_INITS, KHA_TYPES, KHAConfig, normalize_kha_targets, resolve_attention_config,
+    ATTENTION_VARIANTS, KHA_INITS, KHA_TYPES, VARIANT_FLAGS, KHAConfig, normalize_kha_targets, resolve_attention_config,
 )
 from megatron_kha.specs import BACKENDS, get_gpt_decoder_block_spec, get_gpt_layer_spec
 
-# KHAConfig fields set by our flags, and the flag of each.
-VARIANT_FLAGS = {
-    "attention_variant": "--attention-variant",
-    "kha_targets": "--kha-targets",
-    "kha_type": "--kha-type",
-    "kha_init": "--kha-init",
-    "mea_virtual_kv_heads": "--mea-virtual-kv-heads",
-    "mea_head_norm": "--mea-head-norm",
-}
 # Megatron-LM's --transformer-impl -> our backend.
 TRANSFORMER_IMPLS = {"local": "local", "transformer_engine": "te"}
 

@@ -9,16 +9,11 @@ import os
 
 import torch
 
-from megatron_kha.config import ATTENTION_VARIANTS, KHA_INITS, KHA_TYPES, KHAConfig
+from megatron_kha.config import ATTENTION_VARIANTS, KHA_INITS, KHA_TYPES, VARIANT_FLAGS, KHAConfig
 
 # KHAConfig field -> flag, to translate config errors into flag errors.
 CONFIG_FLAGS = {
-    "attention_variant": "--attention-variant",
-    "kha_targets": "--kha-targets",
-    "kha_type": "--kha-type",
-    "kha_init": "--kha-init",
-    "mea_virtual_kv_heads": "--mea-virtual-kv-heads",
-    "mea_head_norm": "--mea-head-norm",
+    **VARIANT_FLAGS,
     "num_attention_heads": "--num-attention-heads",
     "num_query_groups": "--num-query-groups",
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
