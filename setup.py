@@ -26,7 +26,8 @@ setup(
         "nvidia-ml-py",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        # transformers/safetensors: the checkpoint-conversion tests compare logits with transformers' models.
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "safetensors"],
         # GPU hosts only: a TE that cannot load its CUDA libraries breaks `import megatron.core`.
         "te": ["transformer-engine[pytorch,core_cu13]>=2.9,<2.12"],
     },

@@ -1,4 +1,4 @@
-"""megatron_kha: Knocking-Heads Attention for Megatron-Core.
+"""megatron_kha: Knocking-Heads Attention (KHA) and Multi-head Explicit Attention (MEA) for Megatron-Core.
 
 Public API (stable names):
     KHAConfig                    TransformerConfig with the attention-variant fields

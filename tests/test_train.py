@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from megatron_kha.train.args import parse_args
+from megatron_kha.world import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(argv, flag, capsys, monk
 def _train_cmd(tmp, name, extra=()):
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "megatron_kha.train",
+        "--master-port", str(free_port()), "-m", "megatron_kha.train",
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
         "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "12",
         "--lr", "3e-3", "--lr-warmup-iters", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -53,14 +54,6 @@ def _train_cmd(tmp, name, extra=()):
         "--metrics-interval", "4", "--heatmap-dir", str(tmp / f"{name}-heatmaps"),
         "--data-cache-dir", str(tmp / "data-cache"), "--metrics-file", str(tmp / f"{name}.jsonl"), *extra,
     ]
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(path):

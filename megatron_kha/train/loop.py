@@ -20,6 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_kha.cpu_backend import enable_cpu_backend
+from megatron_kha.world import free_port
 from megatron_kha.specs import get_gpt_decoder_block_spec
 from megatron_kha.train.args import model_config
 from megatron_kha.train.checkpointing import load_checkpoint, save_checkpoint
@@ -34,11 +35,7 @@ def init_distributed(args) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
