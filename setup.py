@@ -28,6 +28,8 @@ setup(
     extras_require={
         # transformers/safetensors: the checkpoint-conversion tests compare logits with transformers' models.
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "safetensors"],
+        # Hugging Face <-> Megatron conversion (tools/convert_hf.py, absorb/upcycle --hf-dir).
+        "hf": ["safetensors", "transformers>=4.45"],
         # GPU hosts only: a TE that cannot load its CUDA libraries breaks `import megatron.core`.
         "te": ["transformer-engine[pytorch,core_cu13]>=2.9,<2.12"],
     },
