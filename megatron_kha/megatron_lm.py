@@ -31,7 +31,6 @@ import re
 import sys
 from typing import Optional
 
-from megatron.core.models.gpt import gpt_layer_specs as mcore_specs
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import L2Norm

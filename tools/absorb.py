@@ -45,12 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.load):
-        parser.error(f"argument --load: {args.load!r} is not a directory")
-    if os.path.abspath(args.save) == os.path.abspath(args.load):
-        parser.error("argument --save: must differ from --load")
-    if args.sample_tokens is not None and args.sample_tokens < 0:
-        parser.error(f"argument --sample-tokens: {args.sample_tokens} is invalid; allowed: 0 (skip) or more")
+    from megatron_kha.convert.verify import check_load_save_args, max_logit_diff
+
+    check_load_save_args(parser, args.load, args.save, args.sample_tokens)
     if (args.hf_dir is None) != (args.architecture is None):
         parser.error("argument --hf-dir/--architecture: give both or neither "
                      f"(--architecture allowed: {', '.join(ARCHITECTURES)})")
@@ -67,8 +64,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.checkpoint deprecations
     from megatron_kha.convert import checkpoint_io
-    from megatron_kha.convert.absorb import (AbsorbRefused, absorb_state_dict, baseline_config, check_absorbable,
-                                             max_logit_diff)
+    from megatron_kha.convert.absorb import (AbsorbRefused, absorb_state_dict, baseline_config, check_absorbable)
     from megatron_kha.world import ensure_single_process_world
 
     hf_convert = hf_mapping = None

@@ -39,31 +39,12 @@ def _allowed_heads(cfg: dict):
     return [n for n in range(1, h + 1) if heads % n == 0]
 
 
-def max_logit_diff(source, compressed, tokens_count: int, seed: int) -> float:
-    """Max |logits_source - logits_compressed| on one random sequence of `tokens_count` tokens."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, source.vocab_size, (1, tokens_count), generator=g)
-    position_ids = torch.arange(tokens_count).unsqueeze(0)
-    mask = torch.triu(torch.ones(1, 1, tokens_count, tokens_count, dtype=torch.bool), diagonal=1)
-    source.eval()
-    compressed.eval()
-    with torch.no_grad():
-        a = source(tokens, position_ids, mask)
-        b = compressed(tokens, position_ids, mask)
-    return (a.float() - b.float()).abs().max().item()
-
-
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.load):
-        parser.error(f"argument --load: {args.load!r} is not a directory")
-    if os.path.abspath(args.save) == os.path.abspath(args.load):
-        parser.error("argument --save: must differ from --load")
-    if args.sample_tokens is not None and args.sample_tokens < 0:
-        parser.error(f"argument --sample-tokens: {args.sample_tokens} is invalid; allowed: 0 (skip) or more")
+    from megatron_kha.convert.verify import check_load_save_args, max_logit_diff
+
+    check_load_save_args(parser, args.load, args.save, args.sample_tokens)
 
     import warnings
 

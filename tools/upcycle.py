@@ -50,12 +50,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     source_dir = args.load if args.load is not None else args.hf_dir
     source_flag = "--load" if args.load is not None else "--hf-dir"
-    if not os.path.isdir(source_dir):
-        parser.error(f"argument {source_flag}: {source_dir!r} is not a directory")
-    if os.path.abspath(args.save) == os.path.abspath(source_dir):
-        parser.error(f"argument --save: must differ from {source_flag}")
-    if args.sample_tokens is not None and args.sample_tokens < 0:
-        parser.error(f"argument --sample-tokens: {args.sample_tokens} is invalid; allowed: 0 (skip) or more")
+    from megatron_kha.convert.verify import check_load_save_args, max_logit_diff
+
+    check_load_save_args(parser, source_dir, args.save, args.sample_tokens, load_flag=source_flag)
     if args.variant == "mea" and (args.kha_targets != "v" or args.kha_type != "linear"):
         parser.error("argument --kha-targets/--kha-type: only with --variant kha")
     if args.variant == "kha" and args.mea_head_norm:
@@ -78,7 +75,6 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope is deprecated).*")
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed.checkpoint deprecations
     from megatron_kha.convert import checkpoint_io
-    from megatron_kha.convert.absorb import max_logit_diff
     from megatron_kha.convert.upcycle import upcycle_state_dict
     from megatron_kha.world import ensure_single_process_world
 

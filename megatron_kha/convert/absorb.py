@@ -159,17 +159,3 @@ def baseline_config(config_dict: dict) -> dict:
     new.update(defaults)
     new["attention_variant"] = "baseline"
     return new
-
-
-def max_logit_diff(source, result, tokens_count: int, seed: int) -> float:
-    """Max |logits_source - logits_result| on one random sequence of `tokens_count` tokens (eval, no grad)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, source.vocab_size, (1, tokens_count), generator=g)
-    position_ids = torch.arange(tokens_count).unsqueeze(0)
-    mask = torch.triu(torch.ones(1, 1, tokens_count, tokens_count, dtype=torch.bool), diagonal=1)
-    source.eval()
-    result.eval()
-    with torch.no_grad():
-        a = source(tokens, position_ids, mask)
-        b = result(tokens, position_ids, mask)
-    return (a.float() - b.float()).abs().max().item()
