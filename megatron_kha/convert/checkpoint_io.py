@@ -17,8 +17,6 @@ Megatron's torch_dist writer starts a "spawn" multiprocessing manager on the fir
 script that saves must keep its work under `if __name__ == "__main__":`.
 """
 import os
-import shutil
-import uuid
 from typing import Tuple
 
 import torch
@@ -28,6 +26,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.models.gpt import GPTModel
 
 from megatron_kha import KHAConfig, get_gpt_decoder_block_spec
+from megatron_kha.convert.atomic_dir import atomic_directory
 
 CONFIG_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -91,26 +90,8 @@ def save_model_checkpoint(model: GPTModel, config_dict: dict, path: str, force: 
     path = os.path.abspath(path)
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} exists; refusing to overwrite it without force=True")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{tag}")
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(path) as tmp:
         dist_checkpointing.save({"model": model.sharded_state_dict(), "kha_config": dict(config_dict)}, tmp)
-        if os.path.lexists(path):  # force: move the old one aside first, delete it only after the rename
-            old = os.path.join(parent, f".{os.path.basename(path)}.old-{tag}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old)
-            else:
-                os.remove(old)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return path
 
 

@@ -15,13 +15,12 @@ hf_to_megatron_dir writes loads at any TP/PP whose divisibility constraints the 
 import glob
 import json
 import os
-import shutil
 import time
-import uuid
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron_kha.convert.atomic_dir import atomic_directory
 from megatron_kha.convert.hf_mapping import (
     ARCHITECTURES, ConversionError, check_hf_state, hf_config_to_kha, hf_to_megatron, kha_to_hf_config,
     megatron_to_hf,
@@ -171,27 +170,12 @@ def write_hf_dir(hf_state: dict, hf_config: dict, out: str, force: bool = False)
 
     out = os.path.abspath(out)
     _refuse_existing(out, force, "--force")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{tag}")
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(out) as tmp:
         save_file({k: t.contiguous() for k, t in hf_state.items()}, os.path.join(tmp, SINGLE),
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
             f.write("\n")
-        if os.path.lexists(out):  # force: move the old one aside, delete it only after the rename
-            old = os.path.join(parent, f".{os.path.basename(out)}.old-{tag}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return out
 
 
